@@ -1,0 +1,256 @@
+"""NumPy reference codecs: the test oracle for every compressor's math and wire format.
+
+Written for clarity, not speed: each compressor is a ``compress`` that returns the named sections of
+its :class:`~horovod_squeeze.wire.Layout` and a ``decompress`` that rebuilds the float32 vector.
+The PyTorch and TensorFlow codecs must produce byte-identical payloads.
+
+Conventions shared by all implementations (they make payloads byte-identical):
+- inputs are flattened in C order and computed in float32;
+- norms and means accumulate in float64 and are rounded once to float32;
+- random draws come from :mod:`horovod_squeeze.streams`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from horovod_squeeze import compressors as C
+from horovod_squeeze.streams import UNIFORM24_SCALE, hash32, stream_key
+from horovod_squeeze.wire import Layout
+
+__all__ = ["compress", "decompress", "pack", "unpack"]
+
+_NUMPY_KIND = {"float32": "<f4", "float16": "<f2", "int32": "<i4", "uint32": "<u4",
+               "uint16": "<u2", "uint8": "u1"}
+
+
+# --- wire packing -------------------------------------------------------------------------------
+
+def pack(layout: Layout, sections: dict[str, np.ndarray]) -> np.ndarray:
+    """Serializes named sections into one uint8 payload in layout order."""
+    parts = []
+    for section, _, _ in layout.spans():
+        values = np.asarray(sections[section.name]).reshape(-1)
+        if values.size != section.count:
+            raise AssertionError(f"section {section.name}: {values.size} values, layout says "
+                                 f"{section.count}")
+        if section.kind == "bits":
+            shifts = np.arange(section.width, dtype=np.int64)
+            bits = (values.astype(np.int64)[:, None] >> shifts) & 1
+            parts.append(np.packbits(bits.reshape(-1).astype(np.uint8), bitorder="little"))
+        else:
+            parts.append(values.astype(_NUMPY_KIND[section.kind]).view(np.uint8))
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+def unpack(layout: Layout, payload: np.ndarray) -> dict[str, np.ndarray]:
+    """Splits a uint8 payload into its named sections (bits sections as int64 codes)."""
+    out = {}
+    for section, start, stop in layout.spans():
+        raw = payload[start:stop]
+        if section.kind == "bits":
+            bits = np.unpackbits(raw, bitorder="little")[:section.count * section.width]
+            bits = bits.reshape(section.count, section.width).astype(np.int64)
+            out[section.name] = (bits << np.arange(section.width, dtype=np.int64)).sum(axis=1)
+        else:
+            out[section.name] = raw.view(_NUMPY_KIND[section.kind]).astype(
+                np.float32 if section.kind.startswith("float") else np.int64)
+    return out
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _flat_float32(x, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name}: compressors take floating-point tensors, got dtype {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+
+
+def _check_finite(value, spec, name: str) -> None:
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"{name}: {type(spec).__name__} got NaN or Inf values")
+
+
+def _uniform(numel: int, key: int) -> np.ndarray:
+    return ((hash32(np.arange(numel, dtype=np.int64) ^ key) >> 8) * UNIFORM24_SCALE).astype(np.float32)
+
+
+def _blocks(v: np.ndarray, block_size):
+    """List of per-block views of ``v`` (one block when ``block_size`` is None)."""
+    if v.size == 0:
+        return []
+    size = v.size if block_size is None else block_size
+    return [v[i:i + size] for i in range(0, v.size, size)]
+
+
+def _per_entry(block_values: np.ndarray, numel: int, block_size) -> np.ndarray:
+    size = numel if block_size is None else block_size
+    return np.repeat(block_values, size)[:numel]
+
+
+def _l2(v: np.ndarray) -> np.float32:
+    return np.float32(np.sqrt(np.sum(v.astype(np.float64) ** 2)))
+
+
+def _topk_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries, ties to the lower index, returned in ascending order."""
+    order = np.argsort(-magnitude, kind="stable")
+    return np.sort(order[:k])
+
+
+# --- compressors ------------------------------------------------------------------------------
+
+def _identity(spec, v, nonce, name):
+    return {"values": v}
+
+
+def _fp16(spec, v, nonce, name):
+    values = v.astype(np.float16)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name}: FP16 got NaN, Inf or magnitudes above {C.FP16_MAX} "
+                         "(float16's largest finite value)")
+    return {"values": values}
+
+
+def _topk(spec, v, nonce, name):
+    _check_finite(np.sum(v, dtype=np.float64), spec, name)
+    indices = _topk_indices(np.abs(v), C.topk_count(spec.ratio, v.size))
+    return {"indices": indices, "values": v[indices]}
+
+
+def _randk_indices(spec, numel, key):
+    keys = hash32(np.arange(numel, dtype=np.int64) ^ key)
+    return np.sort(np.argsort(keys, kind="stable")[:C.topk_count(spec.ratio, numel)])
+
+
+def _randk_scale(spec, numel):
+    return np.float32(numel / C.topk_count(spec.ratio, numel) if spec.unbiased else 1.0)
+
+
+def _randk(spec, v, nonce, name):
+    _check_finite(np.sum(v, dtype=np.float64), spec, name)
+    key = stream_key(spec.seed, nonce)
+    values = v[_randk_indices(spec, v.size, key)] * _randk_scale(spec, v.size)
+    return {"key": np.array([key]), "values": values}
+
+
+def _sign_bits(spec, v):
+    bits = v > 0
+    zero = v == 0
+    if spec.zeros == "positive":
+        return bits | zero
+    return bits | (zero & (np.arange(v.size) % 2 == 0))
+
+
+def _scaled_sign(spec, v, nonce, name):
+    scales = []
+    for block in _blocks(v, spec.block_size):
+        if spec.scale == "l1":
+            scales.append(np.float32(np.sum(np.abs(block), dtype=np.float64) / block.size))
+        else:
+            scales.append(np.float32(np.sqrt(np.sum(block.astype(np.float64) ** 2) / block.size)))
+    scales = np.array(scales, dtype=np.float32)
+    _check_finite(scales, spec, name)
+    return {"scales": scales, "signs": _sign_bits(spec, v)}
+
+
+def _qsgd(spec, v, nonce, name):
+    norm = _l2(v)
+    _check_finite(norm, spec, name)
+    s = np.float32(spec.levels)
+    ratio = (np.abs(v) / norm) * s if norm > 0 else np.zeros_like(v)
+    floor = np.floor(ratio)
+    up = _uniform(v.size, stream_key(spec.seed, nonce)) < (ratio - floor)
+    levels = np.minimum(floor + up, s).astype(np.int64)
+    return {"norm": np.array([norm]), "codes": (levels << 1) | (v < 0)}
+
+
+def _ternary(spec, v, nonce, name):
+    blocks = _blocks(v, spec.block_size)
+    if spec.p == "inf":
+        _check_finite(np.sum(v, dtype=np.float64), spec, name)
+        norms = np.array([np.max(np.abs(b)) for b in blocks], dtype=np.float32)
+    else:
+        norms = np.array([_l2(b) for b in blocks], dtype=np.float32)
+        _check_finite(norms, spec, name)
+    norm = _per_entry(norms, v.size, spec.block_size)
+    keep = _uniform(v.size, stream_key(spec.seed, nonce)) * norm < np.abs(v)
+    return {"norms": norms, "codes": np.where(keep, np.where(v < 0, 2, 1), 0)}
+
+
+def _natural(spec, v, nonce, name):
+    bits = v.view(np.int32).astype(np.int64) & 0xFFFFFFFF
+    exponent = (bits >> 23) & 0xFF
+    if np.any(exponent == 0xFF):
+        raise ValueError(f"{name}: Natural got NaN or Inf values")
+    mantissa = bits & 0x7FFFFF
+    draw = hash32(np.arange(v.size, dtype=np.int64) ^ stream_key(spec.seed, nonce)) >> 9
+    up = (draw < mantissa) & (exponent < 0xFE)
+    return {"codes": ((bits >> 31) << 8) | (exponent + up)}
+
+
+def _to_contractive(spec, v, nonce, name):
+    return _COMPRESS[type(spec.inner)](spec.inner, v, nonce, name)
+
+
+_COMPRESS = {C.Identity: _identity, C.FP16: _fp16, C.TopK: _topk, C.RandK: _randk,
+             C.ScaledSign: _scaled_sign, C.QSGD: _qsgd, C.Ternary: _ternary,
+             C.Natural: _natural, C.ToContractive: _to_contractive}
+
+
+def _decode(spec, sections, numel) -> np.ndarray:
+    if isinstance(spec, (C.Identity, C.FP16)):
+        return sections["values"].astype(np.float32)
+    if isinstance(spec, C.TopK):
+        out = np.zeros(numel, np.float32)
+        out[sections["indices"]] = sections["values"]
+        return out
+    if isinstance(spec, C.RandK):
+        out = np.zeros(numel, np.float32)
+        out[_randk_indices(spec, numel, int(sections["key"][0]))] = sections["values"]
+        return out
+    if isinstance(spec, C.ScaledSign):
+        scale = _per_entry(sections["scales"], numel, spec.block_size)
+        return np.where(sections["signs"] == 1, scale, -scale).astype(np.float32)
+    if isinstance(spec, C.QSGD):
+        magnitude = (sections["codes"] >> 1).astype(np.float32) * sections["norm"][0]
+        magnitude = magnitude / np.float32(spec.levels)
+        return np.where(sections["codes"] & 1 == 1, -magnitude, magnitude)
+    if isinstance(spec, C.Ternary):
+        norm = _per_entry(sections["norms"], numel, spec.block_size)
+        codes = sections["codes"]
+        return np.where(codes == 1, norm, np.where(codes == 2, -norm, np.float32(0)))
+    if isinstance(spec, C.Natural):
+        codes = sections["codes"]
+        magnitude = ((codes & 0xFF) << 23).astype(np.int32).view(np.float32)
+        return np.where(codes >> 8 == 1, -magnitude, magnitude)
+    if isinstance(spec, C.ToContractive):
+        return _decode(spec.inner, sections, numel) * np.float32(spec.scale(numel))
+    raise TypeError(f"no reference codec for {spec!r}")
+
+
+def _check_spec(spec) -> None:
+    if type(spec) not in _COMPRESS:
+        raise TypeError(f"expected a compressor spec from horovod_squeeze, got {spec!r}")
+
+
+def compress(spec: C.Compressor, x, *, nonce: int = 0, name: str = "tensor") -> np.ndarray:
+    """Compresses ``x`` (any float array, flattened in C order) into its uint8 wire payload.
+
+    ``nonce`` selects the random stream of stochastic compressors (RandK's ranks must share it).
+    """
+    _check_spec(spec)
+    v = _flat_float32(x, name)
+    return pack(spec.layout(v.size), _COMPRESS[type(spec)](spec, v, nonce, name))
+
+
+def decompress(spec: C.Compressor, payload, numel: int, *, name: str = "payload") -> np.ndarray:
+    """Decodes a payload made by :func:`compress` into a flat float32 array of ``numel`` entries."""
+    _check_spec(spec)
+    payload = np.asarray(payload)
+    layout = spec.layout(numel)
+    if payload.dtype != np.uint8 or payload.ndim != 1 or payload.size != layout.nbytes:
+        raise ValueError(f"{name}: {type(spec).__name__} payload for {numel} entries must be a 1-D "
+                         f"uint8 array of {layout.nbytes} bytes, got {payload.dtype} "
+                         f"{payload.shape}")
+    return _decode(spec, unpack(layout, payload), numel)
