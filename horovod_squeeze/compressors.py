@@ -27,8 +27,9 @@ __all__ = [
     "Ternary", "Natural", "ToContractive", "topk_count", "qsgd_code_width",
 ]
 
-# Largest finite float16; larger magnitudes would silently become Inf on the wire.
+# Largest finite float16, and the magnitude from which rounding to float16 gives Inf.
 FP16_MAX = 65504.0
+FP16_OVERFLOW = 65520.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,7 +72,7 @@ def _check_finite(value, spec, name: str) -> None:
 
 
 def _uniform(numel: int, key: int) -> np.ndarray:
-    return ((hash32(np.arange(numel, dtype=np.int64) ^ key) >> 8) * UNIFORM24_SCALE).astype(np.float32)
+    return ((hash32(np.arange(numel, dtype=np.int64) ^ key) // 256) * UNIFORM24_SCALE).astype(np.float32)
 
 
 def _blocks(v: np.ndarray, block_size):
@@ -124,7 +124,7 @@ def _randk_indices(spec, numel, key):
 
 
 def _randk_scale(spec, numel):
-    return np.float32(numel / C.topk_count(spec.ratio, numel) if spec.unbiased else 1.0)
+    return np.float32(numel / max(C.topk_count(spec.ratio, numel), 1) if spec.unbiased else 1.0)
 
 
 def _randk(spec, v, nonce, name):
