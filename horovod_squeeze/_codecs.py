@@ -139,7 +139,7 @@ class ArrayOps(abc.ABC):
 
     @abc.abstractmethod
     def unpack_bits(self, data: Tensor, width: int, count: int) -> Tensor:
-        """Inverse of :meth:`pack_bits`: ``count`` int64 codes."""
+        """Inverse of :meth:`pack_bits`: ``count`` int64 codes (uint8 bits when ``width`` is 1)."""
 
     @abc.abstractmethod
     def payload_size(self, payload: Tensor) -> tuple[str, tuple[int, ...]]:
@@ -171,6 +171,7 @@ class Codec:
     def compress(self, spec: C.Compressor, x: Tensor, *, nonce: int = 0,
                  name: str = "tensor") -> Tensor:
         """``x`` (any float tensor, flattened in C order) as its uint8 wire payload."""
+        self._check_spec(spec)
         v = self.xp.flat_float32(x, name)
         layout = spec.layout(int(math.prod(v.shape)))
         return self._pack(layout, self._sections(spec, v, nonce, name))
@@ -232,7 +233,9 @@ class Codec:
         """``v`` as a zero-padded (blocks, size) matrix, with the block count and size."""
         size = numel if block_size is None else block_size
         num_blocks = -(-numel // size) if numel else 0
-        return self.xp.reshape(self.xp.pad(v, num_blocks * size), (num_blocks, size)), num_blocks, size
+        if num_blocks * size != numel:
+            v = self.xp.pad(v, num_blocks * size)
+        return self.xp.reshape(v, (num_blocks, size)), num_blocks, size
 
     def _block_counts(self, numel: int, num_blocks: int, size: int) -> Tensor:
         counts = [size] * num_blocks
@@ -241,11 +244,10 @@ class Codec:
         return self.xp.constant(counts, "float64")
 
     def _per_entry(self, block_values, numel: int, block_size) -> Tensor:
-        size = numel if block_size is None else block_size
-        return self.xp.slice(self.xp.repeat(block_values, size), 0, numel)
-
-    def _l2(self, v, axis=None) -> Tensor:
-        return self.xp.cast(self.xp.sqrt(self.xp.sum64(self._square64(v), axis)), "float32")
+        """Per-block values spread over their entries (one block: left to broadcasting)."""
+        if block_size is None or numel <= block_size:
+            return block_values
+        return self.xp.slice(self.xp.repeat(block_values, block_size), 0, numel)
 
     def _square64(self, v):
         v64 = self.xp.cast(v, "float64")
@@ -329,24 +331,24 @@ class Codec:
             scales = xp.sqrt(xp.sum64(self._square64(blocks), axis=1) / counts)
         scales = xp.cast(scales, "float32")
         self._check_finite(scales, spec, name)
-        bits = (v > 0) | (v == 0)
-        if spec.zeros == "alternate":
+        if spec.zeros == "positive":
+            bits = v >= 0  # -0.0 counts as zero, hence positive
+        else:
             bits = (v > 0) | ((v == 0) & (xp.arange(numel) % 2 == 0))
         return {"scales": scales, "signs": bits}
 
     def _qsgd(self, spec, v, nonce, name):
         xp = self.xp
         numel = math.prod(v.shape)
-        norm = self._l2(v)
-        self._check_finite(norm, spec, name)
-        s = xp.constant(float(spec.levels), "float32")
-        positive = norm > 0
-        safe_norm = xp.where(positive, norm, xp.constant(1.0, "float32"))
-        ratio = xp.where(positive, (xp.abs(v) / safe_norm) * s, xp.constant(0.0, "float32"))
+        quantum = xp.cast(xp.sqrt(xp.sum64(self._square64(v))) / spec.levels, "float32")
+        self._check_finite(quantum, spec, name)
+        positive = quantum > 0
+        safe_quantum = xp.where(positive, quantum, xp.constant(1.0, "float32"))
+        ratio = xp.where(positive, xp.abs(v) / safe_quantum, xp.constant(0.0, "float32"))
         floor = xp.floor(ratio)
         up = xp.cast(self._uniform(numel, stream_key(spec.seed, nonce)) < ratio - floor, "float32")
-        levels = xp.cast(xp.minimum(floor + up, s), "int64")
-        return {"norm": xp.reshape(norm, (1,)), "codes": levels * 2 + xp.cast(v < 0, "int64")}
+        levels = xp.cast(xp.minimum(floor + up, xp.constant(float(spec.levels), "float32")), "int64")
+        return {"quantum": xp.reshape(quantum, (1,)), "codes": levels * 2 + xp.cast(v < 0, "int64")}
 
     def _ternary(self, spec, v, nonce, name):
         xp = self.xp
@@ -390,8 +392,7 @@ class Codec:
             scale = self._per_entry(sections["scales"], numel, spec.block_size)
             return xp.where(sections["signs"] == 1, scale, -scale)
         if isinstance(spec, C.QSGD):
-            magnitude = xp.cast(sections["codes"] // 2, "float32") * sections["norm"]
-            magnitude = magnitude / xp.constant(float(spec.levels), "float32")
+            magnitude = xp.cast(sections["codes"] // 2, "float32") * sections["quantum"]
             return xp.where(sections["codes"] % 2 == 1, -magnitude, magnitude)
         if isinstance(spec, C.Ternary):
             norm = self._per_entry(sections["norms"], numel, spec.block_size)

@@ -243,7 +243,8 @@ class QSGD(Compressor):
 
     ``Q(v)_i = ||v||_2 * sign(v_i) * l_i / s`` with ``l_i`` in ``{0..s}`` rounded up with probability
     equal to the remainder, so ``E Q(v) = v``; ``omega = min(d / s^2, sqrt(d) / s)``. Payload: the
-    float32 norm, then a sign bit and ``ceil(log2(s + 1))`` level bits per entry.
+    float32 quantum ``||v||_2 / s`` (so decoding is one exact multiplication, which no graph
+    optimizer can reassociate), then a sign bit and ``ceil(log2(s + 1))`` level bits per entry.
     """
 
     levels: int = 4
@@ -256,7 +257,7 @@ class QSGD(Compressor):
             raise ValueError(f"QSGD: levels must be an integer in [1, 255], got {self.levels!r}")
 
     def layout(self, numel):
-        return Layout((Section("norm", "float32", 1),
+        return Layout((Section("quantum", "float32", 1),
                        Section("codes", "bits", numel, width=qsgd_code_width(self.levels))))
 
     def contract(self, numel):

@@ -105,11 +105,10 @@ def _identity(spec, v, nonce, name):
 
 
 def _fp16(spec, v, nonce, name):
-    values = v.astype(np.float16)
-    if not np.all(np.isfinite(values)):
+    if not np.all(np.abs(v) < C.FP16_OVERFLOW):  # beyond it, rounding to float16 gives Inf
         raise ValueError(f"{name}: FP16 got NaN, Inf or magnitudes above {C.FP16_MAX} "
                          "(float16's largest finite value)")
-    return {"values": values}
+    return {"values": v.astype(np.float16)}
 
 
 def _topk(spec, v, nonce, name):
@@ -155,14 +154,13 @@ def _scaled_sign(spec, v, nonce, name):
 
 
 def _qsgd(spec, v, nonce, name):
-    norm = _l2(v)
-    _check_finite(norm, spec, name)
-    s = np.float32(spec.levels)
-    ratio = (np.abs(v) / norm) * s if norm > 0 else np.zeros_like(v)
+    quantum = np.float32(np.sqrt(np.sum(v.astype(np.float64) ** 2)) / spec.levels)
+    _check_finite(quantum, spec, name)
+    ratio = np.abs(v) / quantum if quantum > 0 else np.zeros_like(v)
     floor = np.floor(ratio)
     up = _uniform(v.size, stream_key(spec.seed, nonce)) < (ratio - floor)
-    levels = np.minimum(floor + up, s).astype(np.int64)
-    return {"norm": np.array([norm]), "codes": (levels << 1) | (v < 0)}
+    levels = np.minimum(floor + up, np.float32(spec.levels)).astype(np.int64)
+    return {"quantum": np.array([quantum]), "codes": (levels << 1) | (v < 0)}
 
 
 def _ternary(spec, v, nonce, name):
@@ -213,8 +211,7 @@ def _decode(spec, sections, numel) -> np.ndarray:
         scale = _per_entry(sections["scales"], numel, spec.block_size)
         return np.where(sections["signs"] == 1, scale, -scale).astype(np.float32)
     if isinstance(spec, C.QSGD):
-        magnitude = (sections["codes"] >> 1).astype(np.float32) * sections["norm"][0]
-        magnitude = magnitude / np.float32(spec.levels)
+        magnitude = (sections["codes"] >> 1).astype(np.float32) * sections["quantum"][0]
         return np.where(sections["codes"] & 1 == 1, -magnitude, magnitude)
     if isinstance(spec, C.Ternary):
         norm = _per_entry(sections["norms"], numel, spec.block_size)

@@ -131,7 +131,7 @@ class TensorFlowOps(ArrayOps):
         bits = (tf.reshape(tf.cast(data, tf.int64), [-1, 1]) // weights) % 2
         bits = tf.reshape(bits, [-1])[:count * width]
         if width == 1:
-            return bits
+            return tf.cast(bits, tf.uint8)
         powers = tf.constant([1 << j for j in range(width)], tf.int64)
         return tf.reduce_sum(tf.reshape(bits, [count, width]) * powers, axis=1)
 

@@ -9,6 +9,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
            "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 _INT_BYTES = {"int32": 4, "uint32": 4, "uint16": 2, "uint8": 1}
 _FLOAT_WIRE = {"float32": torch.float32, "float16": torch.float16}
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
@@ -126,10 +127,10 @@ class TorchOps(ArrayOps):
         return (bits.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
 
     def unpack_bits(self, data, width, count):
-        bits = (data.reshape(-1, 1) >> _BIT_WEIGHTS.log2().to(torch.uint8)) & 1
+        bits = (data.reshape(-1, 1) >> _BIT_SHIFTS) & 1
         bits = bits.reshape(-1)[:count * width]
         if width == 1:
-            return bits.to(torch.int64)
+            return bits
         shifts = torch.arange(width, dtype=torch.int64)
         return (bits.reshape(count, width).to(torch.int64) << shifts).sum(dim=1)
 
