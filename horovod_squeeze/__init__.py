@@ -1,9 +1,10 @@
 """Error-compensated compressed communication for Horovod (PyTorch and TensorFlow/Keras).
 
 The top level holds the framework-neutral vocabulary: compressor specs such as ``TopK(0.01)`` or
-``ScaledSign()``, which the NumPy reference (:mod:`horovod_squeeze.reference`) and the framework
-bindings all accept.
+``ScaledSign()`` and the algorithms around them (``DoubleSqueeze(ScaledSign())``), which the NumPy
+reference (:mod:`horovod_squeeze.reference`) and the framework bindings all accept.
 """
+from horovod_squeeze.algorithms import Algorithm, DoubleSqueeze, ErrorFeedback, NoFeedback
 from horovod_squeeze.compressors import (
     FP16, QSGD, Compressor, Contract, Identity, Natural, RandK, ScaledSign, Ternary,
     ToContractive, TopK,
@@ -12,6 +13,7 @@ from horovod_squeeze.compressors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback",
     "Compressor", "Contract", "FP16", "Identity", "Natural", "QSGD", "RandK", "ScaledSign",
     "Ternary", "ToContractive", "TopK",
 ]

@@ -67,6 +67,18 @@ class ArrayOps(abc.ABC):
         """Sum accumulated in float64 (returns float64)."""
 
     @abc.abstractmethod
+    def power_sum64(self, x: Tensor, p: int, axis: int | None = None) -> Tensor:
+        """``sum(|x| ** p)`` for p in {1, 2}, from float64 values of x, accumulated in float64."""
+
+    @abc.abstractmethod
+    def signed(self, positive: Tensor, magnitude: Tensor) -> Tensor:
+        """``where(positive, magnitude, -magnitude)`` as float32 (``positive``: bool or 0/1 ints)."""
+
+    def signed_bits(self, data: Tensor, count: int, magnitude: Tensor) -> Tensor:
+        """:meth:`signed` of the first ``count`` bits of a packed 1-bit stream (1: positive)."""
+        return self.signed(self.unpack_bits(data, 1, count), magnitude)
+
+    @abc.abstractmethod
     def max(self, x: Tensor, axis: int | None = None) -> Tensor:
         """Maximum (of finite values: callers check finiteness first)."""
 
@@ -203,7 +215,9 @@ class Codec:
         out = {}
         for section, start, stop in layout.spans():
             data = self.xp.slice(payload, start, stop)
-            if section.kind == "bits":
+            if section.kind == "bits" and section.width == 1:
+                out[section.name] = data  # sign streams decode straight from bytes: signed_bits
+            elif section.kind == "bits":
                 out[section.name] = self.xp.unpack_bits(data, section.width, section.count)
             else:
                 out[section.name] = self.xp.from_bytes(data, section.kind)
@@ -248,10 +262,6 @@ class Codec:
         if block_size is None or numel <= block_size:
             return block_values
         return self.xp.slice(self.xp.repeat(block_values, block_size), 0, numel)
-
-    def _square64(self, v):
-        v64 = self.xp.cast(v, "float64")
-        return v64 * v64
 
     def _topk_indices(self, magnitude, k: int) -> Tensor:
         """Ascending indices of the k largest entries, ties to the lower index."""
@@ -326,9 +336,9 @@ class Codec:
         blocks, num_blocks, size = self._blocks(v, numel, spec.block_size)
         counts = self._block_counts(numel, num_blocks, size)
         if spec.scale == "l1":
-            scales = xp.sum64(xp.abs(blocks), axis=1) / counts
+            scales = xp.power_sum64(blocks, 1, axis=1) / counts
         else:
-            scales = xp.sqrt(xp.sum64(self._square64(blocks), axis=1) / counts)
+            scales = xp.sqrt(xp.power_sum64(blocks, 2, axis=1) / counts)
         scales = xp.cast(scales, "float32")
         self._check_finite(scales, spec, name)
         if spec.zeros == "positive":
@@ -340,7 +350,7 @@ class Codec:
     def _qsgd(self, spec, v, nonce, name):
         xp = self.xp
         numel = math.prod(v.shape)
-        quantum = xp.cast(xp.sqrt(xp.sum64(self._square64(v))) / spec.levels, "float32")
+        quantum = xp.cast(xp.sqrt(xp.power_sum64(v, 2)) / spec.levels, "float32")
         self._check_finite(quantum, spec, name)
         positive = quantum > 0
         safe_quantum = xp.where(positive, quantum, xp.constant(1.0, "float32"))
@@ -358,7 +368,7 @@ class Codec:
             self._check_finite(xp.sum64(v), spec, name)
             norms = xp.max(xp.abs(blocks), axis=1)
         else:
-            norms = xp.cast(xp.sqrt(xp.sum64(self._square64(blocks), axis=1)), "float32")
+            norms = xp.cast(xp.sqrt(xp.power_sum64(blocks, 2, axis=1)), "float32")
             self._check_finite(norms, spec, name)
         norm = self._per_entry(norms, numel, spec.block_size)
         keep = self._uniform(numel, stream_key(spec.seed, nonce)) * norm < xp.abs(v)
@@ -390,10 +400,10 @@ class Codec:
             return xp.scatter(numel, indices, sections["values"])
         if isinstance(spec, C.ScaledSign):
             scale = self._per_entry(sections["scales"], numel, spec.block_size)
-            return xp.where(sections["signs"] == 1, scale, -scale)
+            return xp.signed_bits(sections["signs"], numel, scale)
         if isinstance(spec, C.QSGD):
             magnitude = xp.cast(sections["codes"] // 2, "float32") * sections["quantum"]
-            return xp.where(sections["codes"] % 2 == 1, -magnitude, magnitude)
+            return xp.signed(sections["codes"] % 2 == 0, magnitude)
         if isinstance(spec, C.Ternary):
             norm = self._per_entry(sections["norms"], numel, spec.block_size)
             codes = sections["codes"]
@@ -402,7 +412,7 @@ class Codec:
         if isinstance(spec, C.Natural):
             codes = sections["codes"]
             magnitude = xp.float32_from_bits((codes & 0xFF) * (1 << 23))
-            return xp.where(codes // 256 == 1, -magnitude, magnitude)
+            return xp.signed(codes // 256 == 0, magnitude)
         if isinstance(spec, C.ToContractive):
             return (self._decode(spec.inner, sections, numel)
                     * xp.constant(spec.scale(numel), "float32"))

@@ -52,6 +52,14 @@ class TensorFlowOps(ArrayOps):
     def sum64(self, x, axis=None):
         return tf.reduce_sum(tf.cast(x, tf.float64), axis=axis)
 
+    def power_sum64(self, x, p, axis=None):
+        x = tf.cast(x, tf.float64)
+        return tf.reduce_sum(tf.abs(x) if p == 1 else tf.square(x), axis=axis)
+
+    def signed(self, positive, magnitude):
+        positive = tf.cast(positive, tf.bool)
+        return tf.where(positive, magnitude, -magnitude)
+
     def max(self, x, axis=None):
         return tf.reduce_max(x, axis=axis)
 
@@ -131,7 +139,7 @@ class TensorFlowOps(ArrayOps):
         bits = (tf.reshape(tf.cast(data, tf.int64), [-1, 1]) // weights) % 2
         bits = tf.reshape(bits, [-1])[:count * width]
         if width == 1:
-            return tf.cast(bits, tf.uint8)
+            return tf.cast(bits, tf.bool)
         powers = tf.constant([1 << j for j in range(width)], tf.int64)
         return tf.reduce_sum(tf.reshape(bits, [count, width]) * powers, axis=1)
 

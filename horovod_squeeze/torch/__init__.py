@@ -1,4 +1,5 @@
-"""PyTorch binding of horovod-squeeze."""
+"""PyTorch binding of horovod-squeeze: codecs and the compressed ``DistributedOptimizer``."""
 from horovod_squeeze.torch.codecs import compress, decompress
+from horovod_squeeze.torch.optimizer import DistributedOptimizer
 
-__all__ = ["compress", "decompress"]
+__all__ = ["DistributedOptimizer", "compress", "decompress"]

@@ -10,7 +10,14 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 _INT_BYTES = {"int32": 4, "uint32": 4, "uint16": 2, "uint8": 1}
 _FLOAT_WIRE = {"float32": torch.float32, "float16": torch.float16}
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_CHUNK = 1 << 16
+# Row b holds the signs of byte b's bits, least significant first: +1 for a set bit, -1 otherwise.
+_SIGN_TABLE = ((torch.arange(256).reshape(-1, 1) >> torch.arange(8)) & 1).to(torch.float32) * 2 - 1
+
+
+def _power64(x, power):
+    x = x.to(torch.float64)
+    return x if power == 0 else x.abs() if power == 1 else x.square()
 
 
 class TorchOps(ArrayOps):
@@ -46,7 +53,36 @@ class TorchOps(ArrayOps):
         return torch.where(condition, x, y)
 
     def sum64(self, x, axis=None):
-        return x.sum(dtype=torch.float64) if axis is None else x.sum(dim=axis, dtype=torch.float64)
+        return self._reduce64(x, 0, axis)
+
+    def power_sum64(self, x, p, axis=None):
+        return self._reduce64(x, p, axis)
+
+    def _reduce64(self, x, power, axis):
+        # Works through cache-sized chunks: a float64 copy of a large tensor costs more in page
+        # faults than the whole reduction.
+        rows = x.reshape(1, -1) if axis is None else x
+        if rows.shape[1] >= _CHUNK:
+            out = torch.stack([sum(_power64(c, power).sum() for c in row.split(_CHUNK))
+                               for row in rows])
+        else:
+            group = max(1, _CHUNK // max(rows.shape[1], 1))
+            out = torch.cat([_power64(g, power).sum(dim=1) for g in rows.split(group)])
+        return out.reshape(()) if axis is None else out
+
+    def signed(self, positive, magnitude):
+        # 0/1 -> -1/+1 -> times the magnitude, in place: each new large tensor costs page faults.
+        out = positive.to(torch.float32)
+        if magnitude.numel() == 1:
+            return out.mul_(2 * magnitude).sub_(magnitude)
+        return out.mul_(2).sub_(1).mul_(magnitude)
+
+    def signed_bits(self, data, count, magnitude):
+        if magnitude.numel() != 1:
+            return super().signed_bits(data, count, magnitude)
+        # One magnitude: look each byte up in a table of its 8 signed values.
+        table = _SIGN_TABLE * magnitude.to(torch.float32)
+        return table.index_select(0, data.to(torch.int32)).reshape(-1)[:count]
 
     def max(self, x, axis=None):
         return x.amax() if axis is None else x.amax(dim=axis)
@@ -119,18 +155,24 @@ class TorchOps(ArrayOps):
 
     def pack_bits(self, codes, width):
         if width == 1:
-            bits = codes.to(torch.uint8)
+            bits = codes.view(torch.uint8) if codes.dtype == torch.bool else codes.to(torch.uint8)
         else:
             shifts = torch.arange(width, dtype=torch.int64)
             bits = ((codes.reshape(-1, 1) >> shifts) & 1).to(torch.uint8).reshape(-1)
-        bits = torch.nn.functional.pad(bits, (0, -bits.numel() % 8))
-        return (bits.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+        if bits.numel() % 8:
+            bits = torch.nn.functional.pad(bits, (0, -bits.numel() % 8))
+        rows = bits.reshape(-1, 8)
+        packed = rows[:, 0].clone()
+        for j in range(1, 8):
+            packed |= rows[:, j] << j
+        return packed
 
     def unpack_bits(self, data, width, count):
-        bits = (data.reshape(-1, 1) >> _BIT_SHIFTS) & 1
+        bits = data.reshape(-1, 1) >> _BIT_SHIFTS
+        bits &= 1
         bits = bits.reshape(-1)[:count * width]
         if width == 1:
-            return bits
+            return bits.view(torch.bool)
         shifts = torch.arange(width, dtype=torch.int64)
         return (bits.reshape(count, width).to(torch.int64) << shifts).sum(dim=1)
 
