@@ -1,0 +1,249 @@
+"""horovod_squeeze.torch.DistributedOptimizer on 2 and 4 ranks against the NumPy simulation."""
+import numpy as np
+import pytest
+
+import horovod_squeeze as hs
+from horovod_squeeze.exchange import fp32_allreduce_bytes, pass_bytes
+from horovod_squeeze.reference.simulate import init_state, simulate_step
+from horovod_squeeze.testing import run_on_ranks
+
+# Parameter shapes of a small model: matrices, a bias below min_compress_numel, odd sizes.
+SHAPES = {"layer1.weight": (37, 11), "layer1.bias": (37,), "layer2.weight": (5, 37),
+          "layer3.weight": (64, 33)}
+STEPS = 5
+
+
+def _gradient(name, rank, step):
+    """Gradient of parameter ``name`` on ``rank`` at ``step``: random, different per rank."""
+    seed = sum(map(ord, name)) * 7919 + rank * 104729 + step * 1299709
+    return np.random.default_rng(seed).standard_normal(SHAPES[name]).astype(np.float32)
+
+
+def _make_model():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.ParameterDict({name.replace(".", "_"): torch.nn.Parameter(torch.zeros(shape))
+                                   for name, shape in SHAPES.items()})
+
+
+def _run_steps(configs):
+    """Rank body: for each config, STEPS steps whose gradients are exactly _gradient(...)."""
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    hvd.init()
+    results = []
+    for config in configs:
+        model = _make_model()
+        named = [(name, model[name.replace(".", "_")]) for name in SHAPES]
+        optimizer = hst.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
+                                             named_parameters=named, **config)
+        engine = optimizer._squeeze
+        steps = []
+        for step in range(STEPS):
+            optimizer.zero_grad()
+            # d/dp sum(p * G) = G: the hooks see exactly the gradients the simulation uses.
+            loss = sum((p * torch.from_numpy(_gradient(n, hvd.rank(), step))).sum() for n, p in named)
+            loss.backward()
+            optimizer.synchronize()
+            steps.append({
+                "applied": {n: p.grad.numpy().copy() for n, p in named},
+                "worker": {b.index: engine.worker_residuals[b.index].numpy().copy()
+                           for b in engine.buckets},
+                "server": {b.index: engine.server_residuals[b.index].numpy().copy()
+                           for b in engine.buckets},
+                "bytes": engine.last_stats.bytes,
+                "fp32_bytes": engine.last_stats.fp32_allreduce_bytes,
+            })
+            with optimizer.skip_synchronize():
+                optimizer.step()
+        buckets = [(b.index, b.names, b.exchange, b.numel) for b in engine.buckets]
+        results.append({"steps": steps, "buckets": buckets,
+                        "weights": {n: p.detach().numpy().copy() for n, p in named}})
+    return results
+
+
+def _simulate(config, buckets, num_ranks):
+    """Per step: applied gradients and per-bucket residuals, from the NumPy simulation."""
+    algorithm, exchange = config["compression"], config.get("exchange", "sharded")
+    states = {index: init_state(numel, num_ranks, exchange)
+              for index, _, kind, numel in buckets if kind != "uncompressed"}
+    trajectory = []
+    for step in range(STEPS):
+        applied = {}
+        for index, names, kind, numel in buckets:
+            grads = [np.concatenate([_gradient(n, r, step).reshape(-1) for n in names])
+                     for r in range(num_ranks)]
+            if kind == "uncompressed":
+                flat = np.mean(grads, axis=0)
+            else:
+                flat, states[index] = simulate_step(algorithm, exchange, grads, states[index],
+                                                    step=step, bucket=index)
+            offset = 0
+            for n in names:
+                size = int(np.prod(SHAPES[n]))
+                applied[n] = flat[offset:offset + size].reshape(SHAPES[n])
+                offset += size
+        trajectory.append({"applied": applied,
+                           "states": {i: (s.worker_residuals, s.server_residuals)
+                                      for i, s in states.items()}})
+    return trajectory
+
+
+def _assert_close(got, expected, what):
+    scale = max(float(np.linalg.norm(expected)), 1e-30)
+    error = float(np.linalg.norm(np.asarray(got, np.float64) - expected)) / scale
+    assert error <= 1e-6, f"{what}: relative error {error:.3g}"
+
+
+def _check_against_simulation(config, results, num_ranks):
+    buckets = results[0]["buckets"]
+    simulated = _simulate(config, buckets, num_ranks)
+    exchange = config.get("exchange", "sharded")
+    for rank, result in enumerate(results):
+        assert result["buckets"] == buckets
+        for step, (got, want) in enumerate(zip(result["steps"], simulated)):
+            for name in SHAPES:
+                _assert_close(got["applied"][name], want["applied"][name],
+                              f"rank {rank} step {step} applied {name}")
+            for index, (workers, servers) in want["states"].items():
+                _assert_close(got["worker"][index], workers[rank],
+                              f"rank {rank} step {step} bucket {index} worker residual")
+                owner = rank if exchange == "sharded" else 0
+                _assert_close(got["server"][index], servers[owner],
+                              f"rank {rank} step {step} bucket {index} server residual")
+
+
+DS_SIGN = hs.DoubleSqueeze(hs.ScaledSign())
+
+
+@pytest.mark.parametrize("num_proc", [2, 4])
+def test_double_squeeze_matches_simulation(controller, num_proc):
+    # Small buckets, so several buckets and an uncompressed one (the bias) are exercised.
+    config = {"compression": DS_SIGN, "bucket_cap_mb": 0.005, "min_compress_numel": 100}
+    results = run_on_ranks(_run_steps, num_proc, controller, args=([config],), timeout=180)
+    per_rank = [r[0] for r in results]
+    assert len(per_rank[0]["buckets"]) >= 3
+    _check_against_simulation(config, per_rank, num_proc)
+
+
+CONFIGS = [
+    {"compression": hs.DoubleSqueeze(hs.TopK(0.1))},
+    {"compression": hs.DoubleSqueeze(hs.ScaledSign(block_size=64)), "exchange": "allgather"},
+    {"compression": hs.ErrorFeedback(hs.ScaledSign())},
+    {"compression": hs.ErrorFeedback(hs.TopK(0.05)), "exchange": "allgather"},
+    {"compression": hs.NoFeedback(hs.ScaledSign(scale="rms"))},
+    {"compression": hs.DoubleSqueeze(hs.ToContractive(hs.QSGD(4)))},
+]
+
+
+@pytest.mark.parametrize("num_proc", [2, 4])
+def test_algorithms_and_exchanges_match_simulation(num_proc):
+    configs = [{**c, "min_compress_numel": 0} for c in CONFIGS]
+    results = run_on_ranks(_run_steps, num_proc, "gloo", args=(configs,), timeout=240)
+    for i, config in enumerate(configs):
+        _check_against_simulation(config, [r[i] for r in results], num_proc)
+
+
+def test_telemetry_bytes_equal_the_wire_format():
+    num_proc = 2
+    configs = [{"compression": DS_SIGN, "min_compress_numel": 100},
+               {"compression": hs.ErrorFeedback(hs.TopK(0.05)), "exchange": "allgather",
+                "min_compress_numel": 0}]
+    results = run_on_ranks(_run_steps, num_proc, "gloo", args=(configs,), timeout=120)
+    for config, result in zip(configs, results[0]):
+        expected = None
+        for _, _, kind, numel in result["buckets"]:
+            if kind == "uncompressed":
+                ring = fp32_allreduce_bytes(numel, num_proc)
+                part = hs.exchange.PassBytes(ring, ring, 0, 0)
+            else:
+                part = pass_bytes(config["compression"].compressor, kind, numel, num_proc)
+            expected = part if expected is None else expected + part
+        total = sum(numel for *_, numel in result["buckets"])
+        for step in result["steps"]:
+            assert step["bytes"] == expected
+            assert step["fp32_bytes"] == fp32_allreduce_bytes(total, num_proc)
+    # 1-bit DoubleSqueeze sends far fewer bytes than an fp32 allreduce even on this tiny model.
+    first = results[0][0]["steps"][0]
+    assert first["fp32_bytes"] / first["bytes"].sent > 8
+
+
+def _train_digits(steps, seed, checkpoint_at=None):
+    """A few SGD steps on rank-sharded random data; optionally checkpoint, rebuild and resume."""
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    hvd.init()
+    torch.manual_seed(seed)
+    data = torch.randn(64 * hvd.size(), 20, generator=torch.Generator().manual_seed(seed))
+    target = (data[:, 0] > 0).long()
+    x, y = data[hvd.rank()::hvd.size()], target[hvd.rank()::hvd.size()]
+
+    def build():
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+        optimizer = hst.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            named_parameters=model.named_parameters(),
+            compression=hs.DoubleSqueeze(hs.ScaledSign()), min_compress_numel=0)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        return model, optimizer
+
+    model, optimizer = build()
+    for step in range(steps):
+        if step == checkpoint_at:
+            saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            model, optimizer = build()  # a fresh process's objects
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+        batch = slice((step * 16) % 64, (step * 16) % 64 + 16)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        optimizer.step()
+    return {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+
+
+def test_same_seed_gives_bitwise_identical_weights_after_50_steps():
+    first = run_on_ranks(_train_digits, 2, "gloo", args=(50, 3), timeout=120)
+    second = run_on_ranks(_train_digits, 2, "gloo", args=(50, 3), timeout=120)
+    for name in first[0]:
+        np.testing.assert_array_equal(first[0][name], second[0][name])
+        np.testing.assert_array_equal(first[0][name], first[1][name])  # ranks agree
+
+
+def test_checkpoint_restore_continues_identically(controller):
+    uninterrupted = run_on_ranks(_train_digits, 2, controller, args=(12, 5), timeout=120)
+    resumed = run_on_ranks(_train_digits, 2, controller, args=(12, 5),
+                           kwargs={"checkpoint_at": 6}, timeout=120)
+    for rank in range(2):
+        for name in uninterrupted[rank]:
+            np.testing.assert_array_equal(resumed[rank][name], uninterrupted[rank][name])
+
+
+def test_linear_only_exchange_rejects_nonlinear_compressor():
+    import torch
+
+    from horovod_squeeze.torch.engine import SqueezeEngine
+
+    with pytest.raises(ValueError, match="only correct for linear compressors"):
+        SqueezeEngine(DS_SIGN, [("w", torch.Size([10]))], collectives=_FakeComm(), exchange="allreduce")
+
+
+class _FakeComm:
+    rank, size = 0, 2
+
+
+def test_compressor_without_algorithm_is_rejected():
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    with pytest.raises(TypeError, match="wrap it in an algorithm"):
+        hst.DistributedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1),
+                                 compression=hs.ScaledSign())
