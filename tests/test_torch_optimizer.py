@@ -247,3 +247,109 @@ def test_compressor_without_algorithm_is_rejected():
     with pytest.raises(TypeError, match="wrap it in an algorithm"):
         hst.DistributedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1),
                                  compression=hs.ScaledSign())
+
+
+def _stock_steps(algorithm):
+    """Rank body: Horovod's own optimizer with StockCompression; STEPS known-gradient steps."""
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    hvd.init()
+    model = _make_model()
+    named = [(name, model[name.replace(".", "_")]) for name in SHAPES]
+    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
+                                         named_parameters=named,
+                                         compression=hst.StockCompression(algorithm, named))
+    applied = []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        sum((p * torch.from_numpy(_gradient(n, hvd.rank(), step))).sum() for n, p in named).backward()
+        optimizer.step()
+        applied.append({n: p.grad.numpy().copy() for n, p in named})
+    return applied
+
+
+@pytest.mark.parametrize("algorithm", [hs.ErrorFeedback(hs.RandK(0.2, seed=4)),
+                                       hs.DoubleSqueeze(hs.RandK(0.3, unbiased=True)),
+                                       hs.ErrorFeedback(hs.FP16())], ids=repr)
+def test_stock_horovod_path_matches_simulation(algorithm):
+    from horovod_squeeze.torch.stock import stream_id
+
+    num_proc = 2
+    results = run_on_ranks(_stock_steps, num_proc, "gloo", args=(algorithm,), timeout=120)
+    states = {n: init_state(int(np.prod(s)), num_proc, "allreduce") for n, s in SHAPES.items()}
+    for step in range(STEPS):
+        for name, shape in SHAPES.items():
+            grads = [_gradient(name, r, step).reshape(-1) for r in range(num_proc)]
+            want, states[name] = simulate_step(algorithm, "allreduce", grads, states[name],
+                                               step=step, bucket=stream_id(name))
+            for rank in range(num_proc):
+                got = results[rank][step][name].reshape(-1)
+                if isinstance(algorithm.compressor, hs.FP16):  # Horovod averages in float16
+                    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+                else:
+                    _assert_close(got, want, f"rank {rank} step {step} {name}")
+
+
+def test_stock_path_rejects_nonlinear_compressors():
+    import horovod_squeeze.torch as hst
+
+    with pytest.raises(ValueError, match="only correct for linear compressors"):
+        hst.StockCompression(hs.ErrorFeedback(hs.ScaledSign()), [])
+
+
+def _save_then_report(path, steps):
+    """Rank body: train a few steps, save state_dict from rank 0, return the gathered residuals."""
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    hvd.init()
+    model = _make_model()
+    named = [(name, model[name.replace(".", "_")]) for name in SHAPES]
+    optimizer = hst.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
+                                         named_parameters=named, compression=DS_SIGN,
+                                         min_compress_numel=0)
+    for step in range(steps):
+        optimizer.zero_grad()
+        sum((p * torch.from_numpy(_gradient(n, hvd.rank(), step))).sum() for n, p in named).backward()
+        optimizer.step()
+    state = optimizer.state_dict()  # a collective: every rank calls it
+    if hvd.rank() == 0:
+        torch.save(state, path)
+    return state["squeeze"]
+
+
+def _load_and_report(path):
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    hvd.init()
+    model = _make_model()
+    named = [(name, model[name.replace(".", "_")]) for name in SHAPES]
+    optimizer = hst.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
+                                         named_parameters=named, compression=DS_SIGN,
+                                         min_compress_numel=0)
+    optimizer.load_state_dict(torch.load(path, weights_only=False))
+    return optimizer.state_dict()["squeeze"]
+
+
+def test_state_reshards_to_another_world_size(tmp_path):
+    path = str(tmp_path / "state.pt")
+    saved = run_on_ranks(_save_then_report, 4, "gloo", args=(path, 3), timeout=180)[0]
+    loaded = run_on_ranks(_load_and_report, 2, "gloo", args=(path,), timeout=120)[0]
+    assert saved["world_size"] == 4 and loaded["world_size"] == 2 and loaded["step"] == 3
+    for name in SHAPES:
+        old_workers = saved["worker_residuals"][name].numpy()
+        new_workers = loaded["worker_residuals"][name].numpy()
+        assert old_workers.shape[0] == 4 and new_workers.shape[0] == 2
+        assert np.any(old_workers != 0)
+        np.testing.assert_allclose(new_workers.sum(axis=0), old_workers.sum(axis=0),
+                                   rtol=1e-5, atol=1e-6)  # sum preserved
+        np.testing.assert_array_equal(loaded["server_residuals"][name].numpy(),
+                                      saved["server_residuals"][name].numpy())

@@ -1,0 +1,100 @@
+"""Error feedback through Horovod's own ``compression=`` hook, for linear compressors.
+
+Horovod's hook receives a tensor without its name, keeps no state, and its allreduce *sums* what the
+hook returns. So only compressors whose compact values can be summed are correct through it
+(``Identity``, ``FP16``, and ``RandK`` with a random stream shared by all ranks); for those,
+:class:`StockCompression` adds the residuals, keyed by parameter name::
+
+    compression = hst.StockCompression(hs.ErrorFeedback(hs.RandK(0.05)), model.named_parameters())
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                         compression=compression)
+
+Everything else (sign, top-k, quantizers) needs :func:`horovod_squeeze.torch.DistributedOptimizer`.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+from horovod_squeeze.algorithms import (
+    SERVER, WORKER, Algorithm, server_stage, stage_nonce, worker_stage,
+)
+from horovod_squeeze.torch import codecs
+
+__all__ = ["StockCompression", "stream_id"]
+
+
+def stream_id(name: str) -> int:
+    """The per-tensor stream number of a parameter name (the ``bucket`` of its nonces)."""
+    return zlib.crc32(name.encode())
+
+
+class StockCompression:
+    """A Horovod ``Compressor`` (``compress``/``decompress``) with per-parameter residuals.
+
+    Args:
+      algorithm: ``ErrorFeedback``, ``DoubleSqueeze`` (the server stage runs replicated on every
+        rank after the allreduce) or ``NoFeedback``, around a linear compressor.
+      named_parameters: the model's ``named_parameters()``; tensors are matched to names by
+        identity with ``param.grad``, which is what Horovod's optimizer passes to the hook.
+    """
+
+    def __init__(self, algorithm: Algorithm, named_parameters):
+        if not isinstance(algorithm, Algorithm):
+            raise TypeError(f"algorithm must be e.g. horovod_squeeze.ErrorFeedback(hs.FP16()), "
+                            f"got {algorithm!r}")
+        if not algorithm.compressor.linear:
+            raise ValueError(
+                f"{algorithm.compressor!r} cannot go through Horovod's compression= hook: the "
+                "allreduce sums what the hook returns, which is only correct for linear "
+                "compressors (Identity, FP16, RandK). Use horovod_squeeze.torch."
+                "DistributedOptimizer, whose sharded exchange sends any compressor's payloads.")
+        self.algorithm = algorithm
+        self._parameters = list(named_parameters)
+        self._name_of_grad: dict[int, tuple[str, torch.nn.Parameter]] = {}
+        self.worker_residuals: dict[str, torch.Tensor] = {}
+        self.server_residuals: dict[str, torch.Tensor] = {}
+        self.steps: dict[str, int] = {}
+
+    def _name(self, tensor: torch.Tensor) -> str:
+        # ids of freed gradients are reused, so a hit counts only if it is still that .grad.
+        name, param = self._name_of_grad.get(id(tensor), (None, None))
+        if param is None or param.grad is not tensor:
+            self._name_of_grad = {id(p.grad): (n, p) for n, p in self._parameters
+                                  if p.grad is not None}
+            name, param = self._name_of_grad.get(id(tensor), (None, None))
+        if name is None:
+            raise ValueError("StockCompression got a tensor that is not the .grad of any of its "
+                             "named_parameters; pass the same named_parameters as to "
+                             "hvd.DistributedOptimizer")
+        return name
+
+    def compress(self, tensor: torch.Tensor):
+        name = self._name(tensor)
+        step = self.steps.get(name, 0)
+        flat = tensor.detach().reshape(-1).to(torch.float32)
+        residual = self.worker_residuals.setdefault(name, torch.zeros_like(flat))
+        out = worker_stage(codecs, self.algorithm, flat, residual,
+                           nonce=stage_nonce(step, stream_id(name), 0, WORKER), name=name)
+        if out.residual is not None:
+            residual.copy_(out.residual)
+        layout = self.algorithm.compressor.layout(flat.numel())
+        section, start, stop = next(s for s in layout.spans() if s[0].name == "values")
+        dtype = torch.float16 if section.kind == "float16" else torch.float32
+        values = out.payload[start:stop].clone().view(dtype)
+        return values, (name, step, out.payload[:start], tensor.shape, tensor.dtype)
+
+    def decompress(self, values: torch.Tensor, ctx):
+        name, step, header, shape, dtype = ctx
+        payload = torch.cat([header, values.contiguous().view(torch.uint8)])
+        mean = codecs.decompress(self.algorithm.compressor, payload, math.prod(shape), name=name)
+        residual = self.server_residuals.setdefault(name, torch.zeros_like(mean))
+        out = server_stage(codecs, self.algorithm, [mean], residual,
+                           nonce=stage_nonce(step, stream_id(name), 0, SERVER), name=name)
+        if out.residual is not None:
+            residual.copy_(out.residual)
+        self.steps[name] = step + 1
+        return out.decoded.reshape(shape).to(dtype)
+
