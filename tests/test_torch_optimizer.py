@@ -353,3 +353,47 @@ def test_state_reshards_to_another_world_size(tmp_path):
                                    rtol=1e-5, atol=1e-6)  # sum preserved
         np.testing.assert_array_equal(loaded["server_residuals"][name].numpy(),
                                       saved["server_residuals"][name].numpy())
+
+
+def _accumulate_with_warmup(steps, warmup_steps):
+    """Rank body: 2 backward passes per step, one parameter without gradient, warm-up steps."""
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    hvd.init()
+    used = torch.nn.Parameter(torch.zeros(300))
+    unused = torch.nn.Parameter(torch.zeros(40))
+    optimizer = hst.DistributedOptimizer(
+        torch.optim.SGD([used, unused], lr=1.0), named_parameters=[("used", used), ("unused", unused)],
+        compression=DS_SIGN, backward_passes_per_step=2, warmup_steps=warmup_steps,
+        min_compress_numel=0)
+    applied = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        for micro in range(2):
+            grad = np.random.default_rng(1000 * step + 10 * micro + hvd.rank()).standard_normal(300)
+            (used * torch.from_numpy(grad.astype(np.float32))).sum().backward()
+        optimizer.step()
+        applied.append((used.grad.numpy().copy(), unused.grad.numpy().copy()))
+    return applied
+
+
+def test_accumulation_unused_parameters_and_warmup_match_simulation():
+    num_proc, steps, warmup = 2, 5, 2
+    results = run_on_ranks(_accumulate_with_warmup, num_proc, "gloo", args=(steps, warmup),
+                           timeout=120)
+    state = init_state(340, num_proc, "sharded")
+    for step in range(steps):
+        used = [sum(np.random.default_rng(1000 * step + 10 * micro + r).standard_normal(300)
+                    .astype(np.float32) for micro in range(2)) for r in range(num_proc)]
+        # Buckets hold gradients in reverse registration order: the zero gradient of "unused" first.
+        flats = [np.concatenate([np.zeros(40, np.float32), u]) for u in used]
+        if step < warmup:
+            want = np.mean(flats, axis=0)
+        else:
+            want, state = simulate_step(DS_SIGN, "sharded", flats, state, step=step)
+        for rank in range(num_proc):
+            got_used, got_unused = results[rank][step]
+            _assert_close(np.concatenate([got_unused, got_used]), want, f"rank {rank} step {step}")
