@@ -300,8 +300,8 @@ def test_stock_path_rejects_nonlinear_compressors():
         hst.StockCompression(hs.ErrorFeedback(hs.ScaledSign()), [])
 
 
-def _save_then_report(path, steps):
-    """Rank body: train a few steps, save state_dict from rank 0, return the gathered residuals."""
+def _squeezed_model():
+    """Rank body helper: the test model under DoubleSqueeze(ScaledSign), every tensor compressed."""
     import horovod.torch as hvd
     import torch
 
@@ -313,6 +313,15 @@ def _save_then_report(path, steps):
     optimizer = hst.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
                                          named_parameters=named, compression=DS_SIGN,
                                          min_compress_numel=0)
+    return named, optimizer
+
+
+def _save_then_report(path, steps):
+    """Rank body: train a few steps, save state_dict from rank 0, return the gathered residuals."""
+    import horovod.torch as hvd
+    import torch
+
+    named, optimizer = _squeezed_model()
     for step in range(steps):
         optimizer.zero_grad()
         sum((p * torch.from_numpy(_gradient(n, hvd.rank(), step))).sum() for n, p in named).backward()
@@ -324,17 +333,9 @@ def _save_then_report(path, steps):
 
 
 def _load_and_report(path):
-    import horovod.torch as hvd
     import torch
 
-    import horovod_squeeze.torch as hst
-
-    hvd.init()
-    model = _make_model()
-    named = [(name, model[name.replace(".", "_")]) for name in SHAPES]
-    optimizer = hst.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
-                                         named_parameters=named, compression=DS_SIGN,
-                                         min_compress_numel=0)
+    _, optimizer = _squeezed_model()
     optimizer.load_state_dict(torch.load(path, weights_only=False))
     return optimizer.state_dict()["squeeze"]
 
