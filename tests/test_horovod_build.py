@@ -14,7 +14,7 @@ def test_check_build_lists_frameworks_and_controllers():
     horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable))
     assert horovodrun, "horovodrun is not installed next to this Python"
     out = subprocess.run([horovodrun, "--check-build"], capture_output=True, text=True, check=True,
-                         env={**os.environ, **rank_environment()}, timeout=120).stdout
+                         env={**os.environ, **rank_environment()}, timeout=300).stdout
     for feature in ("PyTorch", "TensorFlow", "MPI", "Gloo"):
         assert f"[X] {feature}" in out, f"{feature} missing from:\n{out}"
 
