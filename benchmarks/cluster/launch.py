@@ -1,0 +1,159 @@
+"""Starting a job on the cluster without ssh: a rendezvous server and one rank per host.
+
+Each rank is ``ip netns exec HOST python -m benchmarks.cluster.rank JOB_DIR`` with the variables
+``horovodrun``'s Gloo launcher would set (``horovod/runner/gloo_run.py``) plus ``MASTER_ADDR`` /
+``MASTER_PORT`` for ``torch.distributed``. Every address handed to a rank passes the cluster's
+guard. A job is bounded in time; a rank that fails or hangs stops the whole job, and every process
+started here is killed before :func:`run_job` returns.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+from benchmarks.cluster.namespaces import Cluster
+
+__all__ = ["JobFailed", "run_job"]
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+# torch.distributed's store on rank 0's host (a namespace of its own, so the port is always free).
+MASTER_PORT = 29500
+_FAILURE_GRACE_S = 10.0
+_POLL_S = 0.2
+_LOG_TAIL_CHARS = 3000
+
+
+class JobFailed(RuntimeError):
+    """A job did not complete; ``contender`` names the contender that raised, if one did."""
+
+    def __init__(self, message: str, contender: str | None = None):
+        super().__init__(message)
+        self.contender = contender
+
+
+def _rank_env(made: Cluster, rank: int, rendezvous_port: int) -> dict[str, str]:
+    host = made.hosts[rank]
+    size = len(made.hosts)
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HOROVOD_GLOO_RENDEZVOUS_ADDR": made.require_member(made.hosts[0].address),
+        "HOROVOD_GLOO_RENDEZVOUS_PORT": str(rendezvous_port),
+        "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo",
+        "HOROVOD_GLOO_IFACE": host.iface,
+        "HOROVOD_HOSTNAME": made.require_member(host.address),
+        "HOROVOD_RANK": str(rank), "HOROVOD_SIZE": str(size),
+        "HOROVOD_LOCAL_RANK": "0", "HOROVOD_LOCAL_SIZE": "1",
+        "HOROVOD_CROSS_RANK": str(rank), "HOROVOD_CROSS_SIZE": str(size),
+        "MASTER_ADDR": made.require_member(made.hosts[0].address),
+        "MASTER_PORT": str(MASTER_PORT),
+    }
+
+
+def _start_rendezvous(made: Cluster, deadline: float) -> tuple[subprocess.Popen, int]:
+    addresses = [made.require_member(host.address) for host in made.hosts]
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", made.hosts[0].namespace, sys.executable, "-m",
+         "benchmarks.cluster.rendezvous", *addresses],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    # The server prints its port once listening; wait for it no longer than the job may take.
+    ready, _, _ = select.select([server.stdout], [], [], max(0.0, deadline - time.monotonic()))
+    line = server.stdout.readline() if ready else ""
+    if not line.strip().isdigit():
+        _stop(server)
+        raise JobFailed(f"the rendezvous server did not start (it printed {line!r})")
+    return server, int(line)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+def _tail(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(errors="replace")[-_LOG_TAIL_CHARS:]
+    except FileNotFoundError:
+        return "(no output)"
+
+
+def run_job(made: Cluster, job: dict, timeout_s: float,
+            on_progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Runs ``job`` (see :mod:`benchmarks.cluster.rank`) on every host; returns rank-ordered results.
+
+    Raises:
+      JobFailed: a rank failed (naming the contender if one raised) or the job ran past
+        ``timeout_s``; the message holds the failing rank's output.
+    """
+    deadline = time.monotonic() + timeout_s
+    job = {**job, "hosts": [host.address for host in made.hosts], "iface": made.hosts[0].iface}
+    with tempfile.TemporaryDirectory(prefix="hsq-job-") as tmp:
+        job_dir = pathlib.Path(tmp)
+        (job_dir / "job.json").write_text(json.dumps(job))
+        server, port = _start_rendezvous(made, deadline)
+        ranks: list[subprocess.Popen] = []
+        try:
+            for rank, host in enumerate(made.hosts):
+                with open(job_dir / f"output-{rank}.log", "wb") as log:
+                    ranks.append(subprocess.Popen(
+                        ["ip", "netns", "exec", host.namespace, sys.executable, "-m",
+                         "benchmarks.cluster.rank", str(job_dir)],
+                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+                        env=_rank_env(made, rank, port), start_new_session=True))
+            return _collect(job_dir, ranks, deadline, timeout_s, on_progress)
+        finally:
+            for process in ranks:
+                _stop(process)
+            _stop(server)
+
+
+def _collect(job_dir: pathlib.Path, ranks: list[subprocess.Popen], deadline: float,
+             timeout_s: float, on_progress: Callable[[dict], None] | None) -> list[dict]:
+    failed_since: float | None = None
+    while True:
+        if on_progress is not None and (job_dir / "progress.json").exists():
+            try:
+                on_progress(json.loads((job_dir / "progress.json").read_text()))
+            except json.JSONDecodeError:
+                pass
+        results = {rank: json.loads(path.read_text()) for rank in range(len(ranks))
+                   if (path := job_dir / f"result-{rank}.json").exists()}
+        failures = {rank: r for rank, r in results.items() if not r["ok"]}
+        exited_badly = [rank for rank, p in enumerate(ranks)
+                        if p.poll() not in (None, 0) and rank not in results]
+        if (failures or exited_badly) and failed_since is None:
+            failed_since = time.monotonic()
+        if len(results) == len(ranks) and not failures:
+            return [results[rank] for rank in range(len(ranks))]
+        if failed_since is not None and (
+                len(results) == len(ranks) or time.monotonic() - failed_since > _FAILURE_GRACE_S):
+            # The rank that names a contender holds the cause; the others saw its peers vanish.
+            blamed = sorted(failures, key=lambda r: failures[r]["failed_contender"] is None)
+            if blamed:
+                rank = blamed[0]
+                raise JobFailed(f"rank {rank} failed:\n{failures[rank]['error']}\n--- output ---\n"
+                                f"{_tail(job_dir / f'output-{rank}.log')}",
+                                failures[rank]["failed_contender"])
+            rank = exited_badly[0]
+            raise JobFailed(f"rank {rank} exited with code {ranks[rank].returncode}:\n"
+                            f"{_tail(job_dir / f'output-{rank}.log')}")
+        if time.monotonic() > deadline:
+            missing = [rank for rank in range(len(ranks)) if rank not in results]
+            raise JobFailed(f"ranks {missing} did not finish within {timeout_s:.0f} s; rank "
+                            f"{missing[0]} output:\n{_tail(job_dir / f'output-{missing[0]}.log')}")
+        time.sleep(_POLL_S)
