@@ -69,8 +69,12 @@ CATALOG: dict[str, ContenderSpec] = {spec.name: spec for spec in [
     _squeeze("DoubleSqueeze", "Ternary"),
 ]}
 
-#: Every contender that is expected to work, run together in one job.
-FULL = [name for name in CATALOG if name != "DDP PowerSGD r4 (25 MB buckets)"]
+#: The published run's contenders (the catalog's others can be named on the command line).
+FULL = ["compute only", "Horovod fp32", "Horovod fp16", "DDP allreduce", "DDP PowerSGD r1",
+        "DDP PowerSGD r2", "DDP PowerSGD r4", "DoubleSqueeze(ScaledSign) sharded",
+        "DoubleSqueeze(ScaledSign) allgather", "ErrorFeedback(ScaledSign) sharded",
+        "NoFeedback(ScaledSign) sharded", "DoubleSqueeze(TopK(0.01)) sharded",
+        "DoubleSqueeze(QSGD(4)) sharded"]
 #: Contenders run in a job of their own because they may abort the whole process group.
 PROBES = ["DDP PowerSGD r4 (25 MB buckets)"]
 QUICK = ["compute only", "Horovod fp32", "Horovod fp16", "DDP allreduce", "DDP PowerSGD r4",

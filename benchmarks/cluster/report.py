@@ -1,0 +1,310 @@
+"""From raw per-rank step records to summaries, plots and ``docs/benchmarks.md``.
+
+Definitions used everywhere:
+
+- a step's time is the slowest rank's (ranks start each step together, after a barrier);
+- exchange time = median step time - median step time of ``compute only`` on the same link,
+  so communication hidden behind backward counts the same for every contender;
+- bytes are per rank per step (mean over ranks), measured steps only (warm-up steps excluded);
+- protocol overhead = wire bytes / payload bytes - 1: headers, acknowledgements, negotiation
+  and, for Horovod-based contenders, Horovod's background chatter (reported on its own as the
+  idle rate).
+"""
+from __future__ import annotations
+
+import pathlib
+import statistics
+
+from benchmarks.cluster.contenders import uses_horovod
+
+__all__ = ["summarize", "text_table", "write_docs"]
+
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
+BASELINE = "Horovod fp32"
+
+
+def _quantiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return {"median": ordered[0], "p25": ordered[0], "p75": ordered[0], "min": ordered[0],
+                "max": ordered[0], "n": 1}
+    quartiles = statistics.quantiles(ordered, n=4, method="inclusive")
+    return {"median": statistics.median(ordered), "p25": quartiles[0], "p75": quartiles[2],
+            "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
+
+
+def _steps_by_contender(rate: dict) -> dict[str, list[list[dict]]]:
+    """contender -> list of steps, each the list of every rank's record of that step."""
+    steps: dict[str, list[list[dict]]] = {}
+    for job in rate["jobs"]:
+        for records in zip(*(rank["steps"] for rank in job["ranks"])):
+            if not records[0]["warmup"]:
+                steps.setdefault(records[0]["contender"], []).append(list(records))
+    return steps
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _summarize_rate(rate: dict) -> dict:
+    by_contender = _steps_by_contender(rate)
+    summary: dict[str, dict] = {}
+    for name, steps in by_contender.items():
+        entry = {
+            "step_s": _quantiles([max(r["step_s"] for r in step) for step in steps]),
+            "wire_sent": _quantiles([_mean(r["wire_sent"] for r in step) for step in steps]),
+            "wire_received": _quantiles([_mean(r["wire_received"] for r in step) for step in steps]),
+            "payload_sent": _quantiles([_mean(r["payload_sent"] for r in step) for step in steps]),
+        }
+        telemetry = [r["telemetry"] for step in steps for r in step if "telemetry" in r]
+        if telemetry:
+            entry["telemetry"] = {key: statistics.median(t[key] for t in telemetry)
+                                  for key in ("compress_s", "communicate_s", "decode_s")}
+        payload = entry["payload_sent"]["median"]
+        entry["overhead"] = entry["wire_sent"]["median"] / payload - 1 if payload else None
+        summary[name] = entry
+    compute = summary.get("compute only", {}).get("step_s", {}).get("median", 0.0)
+    baseline = summary.get(BASELINE)
+    for entry in summary.values():
+        entry["exchange_s"] = max(0.0, entry["step_s"]["median"] - compute)
+        entry["exchange_spread_s"] = [max(0.0, entry["step_s"][q] - compute) for q in ("p25", "p75")]
+        if baseline:
+            entry["step_speedup_vs_fp32"] = baseline["step_s"]["median"] / entry["step_s"]["median"]
+            entry["exchange_speedup_vs_fp32"] = (baseline["exchange_s"] / entry["exchange_s"]
+                                                 if entry["exchange_s"] > 0 else None)
+            entry["wire_reduction_vs_fp32"] = (baseline["wire_sent"]["median"]
+                                               / max(entry["wire_sent"]["median"], 1))
+    idle = [rank["idle_wire_bytes_per_s"] for job in rate["jobs"] for rank in job["ranks"]
+            if uses_horovod(job["contenders"])]
+    return {"label": rate["label"], "rate_mbit": rate["rate_mbit"], "contenders": summary,
+            "horovod_idle_bytes_per_s": statistics.median(idle) if idle else None}
+
+
+def summarize(results: dict) -> list[dict]:
+    """Per link rate: per contender step/exchange time, bytes, overhead and ratios vs fp32."""
+    return [_summarize_rate(rate) for rate in results["rates"]]
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.3f}" if nbytes < 1e7 else f"{nbytes / 1e6:.1f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _table(rate: dict) -> list[str]:
+    lines = ["| contender | step s (median [p25, p75]) | exchange s | wire MB sent/rank/step "
+             "| payload MB | overhead | bytes vs fp32 | step speedup | exchange speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, entry in rate["contenders"].items():
+        step = entry["step_s"]
+        overhead = "-" if entry["overhead"] is None else f"{100 * entry['overhead']:+.1f}%"
+        lines.append(
+            f"| {name} | {step['median']:.3f} [{step['p25']:.3f}, {step['p75']:.3f}] "
+            f"| {entry['exchange_s']:.3f} | {_mb(entry['wire_sent']['median'])} "
+            f"| {_mb(entry['payload_sent']['median'])} | {overhead} "
+            f"| {_ratio(entry.get('wire_reduction_vs_fp32'))} "
+            f"| {_ratio(entry.get('step_speedup_vs_fp32'))} "
+            f"| {_ratio(entry.get('exchange_speedup_vs_fp32'))} |")
+    return lines
+
+
+def text_table(results: dict) -> str:
+    out = []
+    for rate in results["summary"]:
+        out += [f"\n## {rate['label']}", *_table(rate)]
+    for failure in results["failures"]:
+        out.append(f"FAILED: {failure['job']}: {failure['contender'] or 'job'}")
+    return "\n".join(out)
+
+
+def _plots(results: dict, stem: str) -> list[pathlib.Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    summary = results["summary"]
+    shaped = [rate for rate in summary if rate["rate_mbit"] is not None]
+    names = list(summary[0]["contenders"]) if summary else []
+
+    if shaped:
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for name in names:
+            if name == "compute only":
+                continue
+            points = [(rate["rate_mbit"], rate["contenders"][name]["step_s"]["median"])
+                      for rate in shaped if name in rate["contenders"]]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=name,
+                        linestyle="-" if "Horovod" in name or "DDP" in name else "--")
+        ax.set(xscale="log", yscale="log", xlabel="link rate (Mbit/s, both directions)",
+               ylabel="median step time (s)",
+               title=f"{results['config']['workload']}, {results['config']['ranks']} ranks")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        path = DOCS / f"{stem}_time_vs_bandwidth.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    if summary:
+        rate = summary[0]
+        entries = [(n, e) for n, e in rate["contenders"].items() if n != "compute only"]
+        fig, ax = plt.subplots(figsize=(9, 0.4 * len(entries) + 1.5))
+        labels = [n for n, _ in entries]
+        ax.barh(labels, [e["wire_sent"]["median"] / 1e6 for _, e in entries], label="on the wire")
+        ax.scatter([max(e["payload_sent"]["median"], 1) / 1e6 for _, e in entries], labels,
+                   color="black", marker="|", s=200, label="payload (telemetry)", zorder=3)
+        ax.set(xscale="log", xlabel="MB sent per rank per step",
+               title=f"bytes per step, {results['config']['workload']}, "
+                     f"{results['config']['ranks']} ranks, {rate['label']}")
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        path = DOCS / f"{stem}_bytes_per_step.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    convergence = (results.get("convergence") or {}).get("results")
+    if convergence:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for name, entry in convergence.items():
+            bits = 8 * entry["wire_sent_per_step"]
+            ax.scatter(bits, 100 * entry["accuracy"])
+            ax.annotate(name, (bits, 100 * entry["accuracy"]), fontsize=7,
+                        xytext=(4, 2), textcoords="offset points")
+        ax.set(xscale="log", xlabel="bits sent per rank per step (on the wire)",
+               ylabel="test accuracy (%)",
+               title=f"digits CNN, {results['convergence']['ranks']} ranks, "
+                     f"{results['convergence']['epochs']} epochs")
+        ax.grid(True, which="both", alpha=0.3)
+        path = DOCS / f"{stem}_accuracy_vs_bits.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_docs(results: dict, results_path: pathlib.Path) -> list[pathlib.Path]:
+    """Writes the plots and ``docs/benchmarks.md`` from one run's results."""
+    stem = "cluster"
+    plots = _plots(results, stem)
+    page = DOCS / "benchmarks.md"
+    page.write_text(render_page(results, results_path, [p.name for p in plots]))
+    return plots + [page]
+
+
+def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> str:
+    config = results["config"]
+    relative = results_path.resolve().relative_to(DOCS.parent)
+    lines = [
+        "# Benchmarks: compressed exchanges on shaped links",
+        "",
+        "<!-- Generated by benchmarks/cluster/report.py from the results file named below; "
+        "edit the generator, not this page. -->",
+        "",
+        "Every number and figure on this page comes from one run of the cluster harness "
+        f"(`{relative}`, {results['date']}, {results['wall_s'] / 60:.0f} minutes), made with:",
+        "",
+        "```bash",
+        "sudo scripts/cluster_benchmark.sh   # = " + results["command"],
+        "```",
+        "",
+        "## What was measured",
+        "",
+        f"- **Cluster**: {config['ranks']} hosts, each a network namespace with its own address on "
+        "a bridge (a switch namespace not connected to anything else), one rank per host. Each "
+        "host's link is shaped in both directions with `tc tbf` (and `netem` for latency: "
+        f"{config['delay_ms']:g} ms here). Ranks rendezvous over the hosts' addresses: Horovod "
+        "through its own Gloo rendezvous server, PyTorch through its TCP store on host 0.",
+        f"- **Workload**: `{config['workload']}`: ResNet-18's 11,689,512 parameters in their real "
+        "layer shapes, with a deliberately tiny computation (`grad = a*d + b*p`, two element-wise "
+        "operations per entry), so the exchange dominates the step. Plain SGD, same seed and "
+        "inputs for every contender.",
+        f"- **Protocol**: per link rate, {config['repeats']} alternations of two jobs (Horovod-based "
+        "contenders; DDP contenders), each with the compute-only baseline; inside a job the "
+        f"contenders take turns, {config['rounds']} round(s) of {config['steps']} measured steps "
+        f"after {config['warmup']} warm-up steps. Every step starts with a barrier and is "
+        "bracketed by readings of the host's interface counters (`/sys/class/net/eth0/statistics`).",
+        "- **Step time** is the slowest rank's; **exchange time** is the median step time minus "
+        "the median compute-only step time on the same link; **wire bytes** are what the "
+        "interface sent per rank per step (headers and every protocol included); **payload** is "
+        "what the collectives carry (this project's telemetry, or the ring-allreduce formula for "
+        "Horovod and DDP, PowerSGD's P and Q included); **overhead** is wire / payload - 1.",
+        "- Ratios (`bytes vs fp32`, speedups) are against Horovod fp32 **in the same run**, "
+        "exactly as measured.",
+        "",
+        "**Caveats.** The machine has 2 CPU cores for 4 ranks (and was shared with other work), so "
+        "anything that costs CPU time is inflated: compression and decompression of the "
+        "project's algorithms, PowerSGD's orthogonalisation, even Gloo's reductions. On an "
+        "unshaped link this, not the network, decides the ranking. The spread columns show how "
+        "noisy the steps were.",
+        "",
+    ]
+    if results["summary"]:
+        idle = results["summary"][0]["horovod_idle_bytes_per_s"]
+        if idle:
+            lines += [f"Horovod's background thread negotiates every cycle even when idle: "
+                      f"{idle / 1e3:.0f} kB/s per rank measured between steps. It is part of the "
+                      "wire bytes of Horovod fp32/fp16 and of this project's contenders (which run "
+                      "on Horovod), not of DDP's (separate jobs, no Horovod).", ""]
+    for plot in plots:
+        lines += [f"![{plot}]({plot})", ""]
+    for rate in results["summary"]:
+        lines += [f"## {config['ranks']} ranks, {rate['label']}", "", *_table(rate), ""]
+        squeeze = {n: e["telemetry"] for n, e in rate["contenders"].items() if "telemetry" in e}
+        if squeeze:
+            lines += ["Telemetry of this project's contenders (median per rank per step, seconds):",
+                      "", "| contender | compress | communicate (waiting) | decode |",
+                      "| --- | --- | --- | --- |"]
+            lines += [f"| {n} | {t['compress_s']:.3f} | {t['communicate_s']:.3f} "
+                      f"| {t['decode_s']:.3f} |" for n, t in squeeze.items()]
+            lines.append("")
+    convergence = (results.get("convergence") or {}).get("results")
+    if convergence:
+        conv = results["convergence"]
+        lines += ["## Accuracy vs bits (the example model)", "",
+                  f"The example's CNN on scikit-learn digits, {conv['ranks']} ranks, "
+                  f"{conv['epochs']} epochs, batch 32 per rank, SGD lr 0.05 x ranks, momentum 0.9, "
+                  "on the fastest link of the run (bytes do not depend on the link).", "",
+                  "| contender | test accuracy | wire bytes/rank/step | payload bytes/rank/step |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {n} | {100 * e['accuracy']:.2f}% | {e['wire_sent_per_step']:.0f} "
+                  f"| {e['payload_sent_per_step']:.0f} |" for n, e in convergence.items()]
+        lines.append("")
+    lines += ["## Failures", ""]
+    if results["failures"]:
+        lines += ["Contenders that failed are recorded, not hidden (last lines of the error):", ""]
+        for failure in results["failures"]:
+            tail = [line for line in failure["error"].splitlines() if line.strip()][-3:]
+            lines += [f"- **{failure['contender'] or 'a job'}** ({failure['job']}):", "",
+                      "  ```", *("  " + line for line in tail), "  ```", ""]
+    else:
+        lines += ["None in this run.", ""]
+    lines += [
+        "## Reproducing and extending",
+        "",
+        "```bash",
+        "sudo scripts/cluster_benchmark.sh --quick          # 2 ranks, a few minutes, no docs",
+        "sudo scripts/cluster_benchmark.sh --rates 100mbit --delay-ms 5 --workload mlp25m",
+        "sudo scripts/cluster_benchmark.sh --contenders 'Horovod fp32,DoubleSqueeze(ScaledSign) sharded'",
+        "```",
+        "",
+        "Needs root (network namespaces, veth pairs, `tc`). Only addresses of namespaces the "
+        "harness created are ever targeted (anything else raises `ForeignAddressError`); "
+        "namespaces are removed on exit, Ctrl-C, SIGTERM and failure, and a crashed run's set is "
+        "removed by the next start. MPI is not used by the harness: only Horovod's Gloo "
+        "controller and PyTorch's gloo backend run across the namespaces.",
+        "",
+    ]
+    return "\n".join(lines)
