@@ -1,5 +1,9 @@
 """From raw per-rank step records to summaries, plots and ``docs/benchmarks.md``.
 
+    python -m benchmarks.cluster.report benchmarks/results/cluster_resnet18_4ranks.json
+
+re-summarizes a results file (rewriting its ``summary``) and regenerates the page and plots.
+
 Definitions used everywhere:
 
 - a step's time is the slowest rank's (ranks start each step together, after a barrier);
@@ -12,8 +16,10 @@ Definitions used everywhere:
 """
 from __future__ import annotations
 
+import json
 import pathlib
 import statistics
+import sys
 
 from benchmarks.cluster.contenders import uses_horovod
 
@@ -62,24 +68,25 @@ def _summarize_rate(rate: dict) -> dict:
         if telemetry:
             entry["telemetry"] = {key: statistics.median(t[key] for t in telemetry)
                                   for key in ("compress_s", "communicate_s", "decode_s")}
-        payload = entry["payload_sent"]["median"]
-        entry["overhead"] = entry["wire_sent"]["median"] / payload - 1 if payload else None
         summary[name] = entry
+    idle = [rank["idle_wire_bytes_per_s"] for job in rate["jobs"] for rank in job["ranks"]
+            if uses_horovod(job["contenders"])]
+    idle_rate = statistics.median(idle) if idle else 0.0
     compute = summary.get("compute only", {}).get("step_s", {}).get("median", 0.0)
     baseline = summary.get(BASELINE)
-    for entry in summary.values():
+    for name, entry in summary.items():
+        payload, wire = entry["payload_sent"]["median"], entry["wire_sent"]["median"]
+        entry["overhead"] = wire / payload - 1 if payload else None
         entry["exchange_s"] = max(0.0, entry["step_s"]["median"] - compute)
         entry["exchange_spread_s"] = [max(0.0, entry["step_s"][q] - compute) for q in ("p25", "p75")]
-        if baseline:
+        if baseline and name != "compute only":
             entry["step_speedup_vs_fp32"] = baseline["step_s"]["median"] / entry["step_s"]["median"]
             entry["exchange_speedup_vs_fp32"] = (baseline["exchange_s"] / entry["exchange_s"]
                                                  if entry["exchange_s"] > 0 else None)
             entry["wire_reduction_vs_fp32"] = (baseline["wire_sent"]["median"]
                                                / max(entry["wire_sent"]["median"], 1))
-    idle = [rank["idle_wire_bytes_per_s"] for job in rate["jobs"] for rank in job["ranks"]
-            if uses_horovod(job["contenders"])]
     return {"label": rate["label"], "rate_mbit": rate["rate_mbit"], "contenders": summary,
-            "horovod_idle_bytes_per_s": statistics.median(idle) if idle else None}
+            "horovod_idle_bytes_per_s": idle_rate or None}
 
 
 def summarize(results: dict) -> list[dict]:
@@ -95,17 +102,21 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}%"
+
+
 def _table(rate: dict) -> list[str]:
     lines = ["| contender | step s (median [p25, p75]) | exchange s | wire MB sent/rank/step "
-             "| payload MB | overhead | bytes vs fp32 | step speedup | exchange speedup |",
+             "| payload MB | overhead | bytes vs fp32 | step speedup "
+             "| exchange speedup |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, entry in rate["contenders"].items():
         step = entry["step_s"]
-        overhead = "-" if entry["overhead"] is None else f"{100 * entry['overhead']:+.1f}%"
         lines.append(
             f"| {name} | {step['median']:.3f} [{step['p25']:.3f}, {step['p75']:.3f}] "
             f"| {entry['exchange_s']:.3f} | {_mb(entry['wire_sent']['median'])} "
-            f"| {_mb(entry['payload_sent']['median'])} | {overhead} "
+            f"| {_mb(entry['payload_sent']['median'])} | {_percent(entry['overhead'])} "
             f"| {_ratio(entry.get('wire_reduction_vs_fp32'))} "
             f"| {_ratio(entry.get('step_speedup_vs_fp32'))} "
             f"| {_ratio(entry.get('exchange_speedup_vs_fp32'))} |")
@@ -204,9 +215,16 @@ def write_docs(results: dict, results_path: pathlib.Path) -> list[pathlib.Path]:
     return plots + [page]
 
 
+def shell_command(command: str) -> str:
+    """The script invocation equivalent to a recorded ``python -m ...run`` command."""
+    arguments = [a for a in command.split()[3:] if a not in ("--docs", "--no-docs")]
+    return " ".join(["scripts/cluster_benchmark.sh", *arguments])
+
+
 def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> str:
     config = results["config"]
-    relative = results_path.resolve().relative_to(DOCS.parent)
+    relative = (results_path.resolve().relative_to(DOCS.parent)
+                if results_path.resolve().is_relative_to(DOCS.parent) else results_path)
     lines = [
         "# Benchmarks: compressed exchanges on shaped links",
         "",
@@ -217,7 +235,7 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         f"(`{relative}`, {results['date']}, {results['wall_s'] / 60:.0f} minutes), made with:",
         "",
         "```bash",
-        "sudo scripts/cluster_benchmark.sh   # = " + results["command"],
+        "sudo " + shell_command(results["command"]),
         "```",
         "",
         "## What was measured",
@@ -308,3 +326,15 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         "",
     ]
     return "\n".join(lines)
+
+
+def main(path: pathlib.Path) -> None:
+    results = json.loads(path.read_text())
+    results["summary"] = summarize(results)
+    path.write_text(json.dumps(results, indent=1))
+    print(text_table(results))
+    print("docs:", ", ".join(str(p) for p in write_docs(results, path)))
+
+
+if __name__ == "__main__":
+    main(pathlib.Path(sys.argv[1]))
