@@ -5,6 +5,7 @@ cluster, which takes about a second.
 """
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -72,6 +73,28 @@ def test_removed_on_failure():
             raise RuntimeError("boom")
     existing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert made.switch not in existing
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_removed_on_ctrl_c_and_sigterm(signum):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import time
+        from benchmarks.cluster import namespaces
+        namespaces.terminate_on_signals()
+        with namespaces.cluster(2) as made:
+            print(made.switch, flush=True)
+            time.sleep(60)""")], stdout=subprocess.PIPE, text=True, cwd=repo,
+        env={**os.environ, "PYTHONPATH": repo})
+    try:
+        switch = holder.stdout.readline().strip()
+        assert switch.startswith(namespaces.PREFIX)
+        holder.send_signal(signum)
+        holder.wait(timeout=30)
+    finally:
+        holder.kill()
+    existing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert switch not in existing
 
 
 def test_stale_set_of_a_dead_run_is_removed():
