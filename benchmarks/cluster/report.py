@@ -63,6 +63,11 @@ def _summarize_rate(rate: dict) -> dict:
             "wire_sent": _quantiles([_mean(r["wire_sent"] for r in step) for step in steps]),
             "wire_received": _quantiles([_mean(r["wire_received"] for r in step) for step in steps]),
             "payload_sent": _quantiles([_mean(r["payload_sent"] for r in step) for step in steps]),
+            "wire_sent_per_rank": [statistics.median(step[rank]["wire_sent"] for step in steps)
+                                   for rank in range(len(steps[0]))],
+            "wire_received_per_rank": [statistics.median(step[rank]["wire_received"]
+                                                         for step in steps)
+                                       for rank in range(len(steps[0]))],
         }
         telemetry = [r["telemetry"] for step in steps for r in step if "telemetry" in r]
         if telemetry:
@@ -121,6 +126,19 @@ def _table(rate: dict) -> list[str]:
             f"| {_ratio(entry.get('step_speedup_vs_fp32'))} "
             f"| {_ratio(entry.get('exchange_speedup_vs_fp32'))} |")
     return lines
+
+
+def _per_rank_table(rate: dict) -> list[str]:
+    entries = {n: e for n, e in rate["contenders"].items() if n != "compute only"}
+    ranks = len(next(iter(entries.values()))["wire_sent_per_rank"]) if entries else 0
+    lines = ["Wire MB per step, each rank (median of steps; sent / received):", "",
+             "| contender | " + " | ".join(f"rank {r}" for r in range(ranks)) + " |",
+             "| --- |" + " --- |" * ranks]
+    for name, entry in entries.items():
+        cells = [f"{_mb(sent)} / {_mb(received)}" for sent, received
+                 in zip(entry["wire_sent_per_rank"], entry["wire_received_per_rank"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def text_table(results: dict) -> str:
@@ -215,6 +233,14 @@ def write_docs(results: dict, results_path: pathlib.Path) -> list[pathlib.Path]:
     return plots + [page]
 
 
+_WORKLOAD_TEXT = {
+    "resnet18": "ResNet-18's 11,689,512 parameters in their real layer shapes",
+    "mlp25m": "an MLP 1024-4096-4096-1024-1000, 26.2M parameters",
+    "bert-base": "BERT-base's 12 encoder layers, 85.1M parameters",
+    "digits": "the example's CNN on scikit-learn digits, a real forward and backward",
+}
+
+
 def shell_command(command: str) -> str:
     """The script invocation equivalent to a recorded ``python -m ...run`` command."""
     arguments = [a for a in command.split()[3:] if a not in ("--docs", "--no-docs")]
@@ -245,11 +271,11 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         "host's link is shaped in both directions with `tc tbf` (and `netem` for latency: "
         f"{config['delay_ms']:g} ms here). Ranks rendezvous over the hosts' addresses: Horovod "
         "through its own Gloo rendezvous server, PyTorch through its TCP store on host 0.",
-        f"- **Workload**: `{config['workload']}`: ResNet-18's 11,689,512 parameters in their real "
-        "layer shapes, with a deliberately tiny computation (`grad = a*d + b*p`, two element-wise "
-        "operations per entry), so the exchange dominates the step. Plain SGD, same seed and "
-        "inputs for every contender.",
-        f"- **Protocol**: per link rate, {config['repeats']} alternations of two jobs (Horovod-based "
+        f"- **Workload**: `{config['workload']}` ({_WORKLOAD_TEXT.get(config['workload'], '')}), "
+        "with a deliberately tiny computation (`grad = a*d + b*p`, two element-wise operations "
+        "per entry) so the exchange dominates the step. Plain SGD, same seed and inputs for every "
+        "contender.",
+        f"- **Protocol**: per link rate, {config['repeats']} alternation(s) of two jobs (Horovod-based "
         "contenders; DDP contenders), each with the compute-only baseline; inside a job the "
         f"contenders take turns, {config['rounds']} round(s) of {config['steps']} measured steps "
         f"after {config['warmup']} warm-up steps. Every step starts with a barrier and is "
@@ -262,7 +288,8 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         "- Ratios (`bytes vs fp32`, speedups) are against Horovod fp32 **in the same run**, "
         "exactly as measured.",
         "",
-        "**Caveats.** The machine has 2 CPU cores for 4 ranks (and was shared with other work), so "
+        f"**Caveats.** The machine has {results['machine']['cpus']} CPU cores for {config['ranks']} "
+        "ranks (and was shared with other work), so "
         "anything that costs CPU time is inflated: compression and decompression of the "
         "project's algorithms, PowerSGD's orthogonalisation, even Gloo's reductions. On an "
         "unshaped link this, not the network, decides the ranking. The spread columns show how "
@@ -280,6 +307,7 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         lines += [f"![{plot}]({plot})", ""]
     for rate in results["summary"]:
         lines += [f"## {config['ranks']} ranks, {rate['label']}", "", *_table(rate), ""]
+        lines += _per_rank_table(rate)
         squeeze = {n: e["telemetry"] for n, e in rate["contenders"].items() if "telemetry" in e}
         if squeeze:
             lines += ["Telemetry of this project's contenders (median per rank per step, seconds):",
