@@ -155,3 +155,21 @@ def test_rates_parse():
     assert shaping.parse_rate("unshaped") is None
     with pytest.raises(ValueError, match="100mbit"):
         shaping.parse_rate("fast")
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_a_job_counts_horovod_fp32_bytes_on_the_wire(controller):
+    """Two ranks, one Horovod fp32 step on ResNet-18's shapes: the wire agrees with the payload."""
+    from benchmarks.cluster import launch
+
+    job = {"mode": "speed", "workload": "resnet18", "contenders": ["Horovod fp32"], "rounds": 1,
+           "steps_per_round": 1, "warmup_steps": 1, "seed": 0, "lr": 0.01, "momentum": 0.0,
+           "batch_size": 32, "collective_timeout_s": 60}
+    with namespaces.cluster(2) as made:
+        ranks = launch.run_job(made, job, timeout_s=240, controller=controller)
+    for rank in ranks:
+        measured = [step for step in rank["steps"] if not step["warmup"]]
+        assert len(measured) == 1
+        step = measured[0]
+        assert step["payload_sent"] == 2 * 1 * 4 * 11_689_512 // 2  # ring allreduce, 2 ranks
+        assert step["payload_sent"] <= step["wire_sent"] < 1.05 * step["payload_sent"]

@@ -1,8 +1,10 @@
-"""Starting a job on the cluster without ssh: a rendezvous server and one rank per host.
+"""Starting a job on the cluster without ssh, under Horovod's Gloo or MPI controller.
 
-Each rank is ``ip netns exec HOST python -m benchmarks.cluster.rank JOB_DIR`` with the variables
-``horovodrun``'s Gloo launcher would set (``horovod/runner/gloo_run.py``) plus ``MASTER_ADDR`` /
-``MASTER_PORT`` for ``torch.distributed``. Every address handed to a rank passes the cluster's
+Gloo: a rendezvous server in host 0, and each rank is ``ip netns exec HOST python -m
+benchmarks.cluster.rank JOB_DIR`` with the variables ``horovodrun``'s Gloo launcher would set
+(``horovod/runner/gloo_run.py``). MPI: ``mpirun`` in host 0, which starts the other hosts' daemons
+through ``mpi_agent.sh`` (``ip netns exec`` in place of ssh) and keeps its traffic on ``eth0``.
+Either way ``MASTER_ADDR`` / ``MASTER_PORT`` serve ``torch.distributed``. Every address handed to a rank passes the cluster's
 guard. A job is bounded in time; a rank that fails or hangs stops the whole job, and every process
 started here is killed before :func:`run_job` returns.
 """
@@ -21,9 +23,11 @@ from typing import Callable
 
 from benchmarks.cluster.namespaces import Cluster
 
-__all__ = ["JobFailed", "run_job"]
+__all__ = ["CONTROLLERS", "JobFailed", "run_job"]
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+CONTROLLERS = ("gloo", "mpi")
+MPI_AGENT = pathlib.Path(__file__).resolve().with_name("mpi_agent.sh")
 # torch.distributed's store on rank 0's host (a namespace of its own, so the port is always free).
 MASTER_PORT = 29500
 _FAILURE_GRACE_S = 10.0
@@ -92,38 +96,91 @@ def _tail(path: pathlib.Path) -> str:
         return "(no output)"
 
 
+def _mpi_env(made: Cluster, hosts_file: pathlib.Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HOROVOD_CONTROLLER": "mpi", "HOROVOD_CPU_OPERATIONS": "mpi",
+        "MASTER_ADDR": made.require_member(made.hosts[0].address),
+        "MASTER_PORT": str(MASTER_PORT),
+        "HSQ_MPI_HOSTS": str(hosts_file),
+    }
+
+
+def _start_mpirun(made: Cluster, job_dir: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
+    """``mpirun`` inside host 0, starting the other hosts' ranks through :data:`MPI_AGENT`."""
+    hosts_file = job_dir / "mpi_hosts"
+    hosts_file.write_text("".join(f"{made.require_member(host.address)} {host.namespace}\n"
+                                  for host in made.hosts))
+    env = _mpi_env(made, hosts_file)
+    exported = [arg for name in ("PYTHONPATH", "TF_USE_LEGACY_KERAS", "TF_CPP_MIN_LOG_LEVEL",
+                                 "OMP_NUM_THREADS", "PYTHONUNBUFFERED", "HOROVOD_CONTROLLER",
+                                 "HOROVOD_CPU_OPERATIONS", "MASTER_ADDR", "MASTER_PORT")
+                for arg in ("-x", name)]
+    iface = made.hosts[0].iface
+    command = ["ip", "netns", "exec", made.hosts[0].namespace, "mpirun", "--allow-run-as-root",
+               "-np", str(len(made.hosts)),
+               "-H", ",".join(f"{host.address}:1" for host in made.hosts),
+               "--mca", "plm_rsh_agent", str(MPI_AGENT), "--mca", "btl", "self,tcp",
+               "--mca", "btl_tcp_if_include", iface, "--mca", "oob_tcp_if_include", iface,
+               "--tag-output", *exported,
+               sys.executable, "-m", "benchmarks.cluster.rank", str(job_dir)]
+    with open(log, "wb") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=REPO, env=env,
+                                start_new_session=True)
+
+
 def run_job(made: Cluster, job: dict, timeout_s: float,
-            on_progress: Callable[[dict], None] | None = None) -> list[dict]:
+            on_progress: Callable[[dict], None] | None = None,
+            controller: str = "gloo") -> list[dict]:
     """Runs ``job`` (see :mod:`benchmarks.cluster.rank`) on every host; returns rank-ordered results.
+
+    ``controller`` is Horovod's: ``"gloo"`` (a rendezvous server and one ``ip netns exec`` per
+    rank) or ``"mpi"`` (``mpirun`` in host 0, the other ranks started through
+    ``mpi_agent.sh`` instead of ssh). ``torch.distributed`` always uses its own TCP store.
 
     Raises:
       JobFailed: a rank failed (naming the contender if one raised) or the job ran past
         ``timeout_s``; the message holds the failing rank's output.
     """
+    if controller not in CONTROLLERS:
+        raise ValueError(f"controller must be one of {CONTROLLERS}, got {controller!r}")
     deadline = time.monotonic() + timeout_s
     job = {**job, "hosts": [host.address for host in made.hosts], "iface": made.hosts[0].iface}
+    size = len(made.hosts)
     with tempfile.TemporaryDirectory(prefix="hsq-job-") as tmp:
         job_dir = pathlib.Path(tmp)
         (job_dir / "job.json").write_text(json.dumps(job))
-        server, port = _start_rendezvous(made, deadline)
-        ranks: list[subprocess.Popen] = []
+        started: list[subprocess.Popen] = []
         try:
-            for rank, host in enumerate(made.hosts):
-                with open(job_dir / f"output-{rank}.log", "wb") as log:
-                    ranks.append(subprocess.Popen(
-                        ["ip", "netns", "exec", host.namespace, sys.executable, "-m",
-                         "benchmarks.cluster.rank", str(job_dir)],
-                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-                        env=_rank_env(made, rank, port), start_new_session=True))
-            return _collect(job_dir, ranks, deadline, timeout_s, on_progress)
+            if controller == "mpi":
+                logs = [job_dir / "output-mpirun.log"] * size
+                started.append(_start_mpirun(made, job_dir, logs[0]))
+                launchers = started[:]
+            else:
+                server, port = _start_rendezvous(made, deadline)
+                started.append(server)
+                logs = [job_dir / f"output-{rank}.log" for rank in range(size)]
+                for rank, host in enumerate(made.hosts):
+                    with open(logs[rank], "wb") as log:
+                        started.append(subprocess.Popen(
+                            ["ip", "netns", "exec", host.namespace, sys.executable, "-m",
+                             "benchmarks.cluster.rank", str(job_dir)],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            cwd=REPO, env=_rank_env(made, rank, port), start_new_session=True))
+                launchers = started[1:]
+            return _collect(job_dir, size, launchers, logs, deadline, timeout_s, on_progress)
         finally:
-            for process in ranks:
+            for process in reversed(started):
                 _stop(process)
-            _stop(server)
 
 
-def _collect(job_dir: pathlib.Path, ranks: list[subprocess.Popen], deadline: float,
-             timeout_s: float, on_progress: Callable[[dict], None] | None) -> list[dict]:
+def _collect(job_dir: pathlib.Path, size: int, launchers: list[subprocess.Popen],
+             logs: list[pathlib.Path], deadline: float, timeout_s: float,
+             on_progress: Callable[[dict], None] | None) -> list[dict]:
     failed_since: float | None = None
     while True:
         if on_progress is not None and (job_dir / "progress.json").exists():
@@ -131,29 +188,28 @@ def _collect(job_dir: pathlib.Path, ranks: list[subprocess.Popen], deadline: flo
                 on_progress(json.loads((job_dir / "progress.json").read_text()))
             except json.JSONDecodeError:
                 pass
-        results = {rank: json.loads(path.read_text()) for rank in range(len(ranks))
+        results = {rank: json.loads(path.read_text()) for rank in range(size)
                    if (path := job_dir / f"result-{rank}.json").exists()}
         failures = {rank: r for rank, r in results.items() if not r["ok"]}
-        exited_badly = [rank for rank, p in enumerate(ranks)
-                        if p.poll() not in (None, 0) and rank not in results]
+        exited_badly = [index for index, p in enumerate(launchers) if p.poll() not in (None, 0)]
+        if len(results) == size and not failures:
+            return [results[rank] for rank in range(size)]
         if (failures or exited_badly) and failed_since is None:
             failed_since = time.monotonic()
-        if len(results) == len(ranks) and not failures:
-            return [results[rank] for rank in range(len(ranks))]
         if failed_since is not None and (
-                len(results) == len(ranks) or time.monotonic() - failed_since > _FAILURE_GRACE_S):
+                len(results) == size or time.monotonic() - failed_since > _FAILURE_GRACE_S):
             # The rank that names a contender holds the cause; the others saw its peers vanish.
             blamed = sorted(failures, key=lambda r: failures[r]["failed_contender"] is None)
             if blamed:
                 rank = blamed[0]
                 raise JobFailed(f"rank {rank} failed:\n{failures[rank]['error']}\n--- output ---\n"
-                                f"{_tail(job_dir / f'output-{rank}.log')}",
-                                failures[rank]["failed_contender"])
-            rank = exited_badly[0]
-            raise JobFailed(f"rank {rank} exited with code {ranks[rank].returncode}:\n"
-                            f"{_tail(job_dir / f'output-{rank}.log')}")
+                                f"{_tail(logs[rank])}", failures[rank]["failed_contender"])
+            index = exited_badly[0]
+            name = "mpirun" if len(launchers) < size else f"rank {index}"
+            raise JobFailed(f"{name} exited with code {launchers[index].returncode}:\n"
+                            f"{_tail(logs[index])}")
         if time.monotonic() > deadline:
-            missing = [rank for rank in range(len(ranks)) if rank not in results]
+            missing = [rank for rank in range(size) if rank not in results]
             raise JobFailed(f"ranks {missing} did not finish within {timeout_s:.0f} s; rank "
-                            f"{missing[0]} output:\n{_tail(job_dir / f'output-{missing[0]}.log')}")
+                            f"{missing[0]} output:\n{_tail(logs[missing[0]])}")
         time.sleep(_POLL_S)

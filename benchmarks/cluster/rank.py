@@ -140,7 +140,9 @@ def run_convergence(job: dict, rank: int, size: int, job_dir: pathlib.Path) -> d
 
 def main(job_dir: pathlib.Path) -> int:
     job = json.loads((job_dir / "job.json").read_text())
-    rank, size = int(os.environ["HOROVOD_RANK"]), int(os.environ["HOROVOD_SIZE"])
+    # Gloo ranks get Horovod's variables; under mpirun, Open MPI's.
+    rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", -1)))
+    size = int(os.environ.get("HOROVOD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", -1)))
     if os.environ["MASTER_ADDR"] not in job["hosts"]:  # second line of the address guard
         raise ValueError(f"MASTER_ADDR {os.environ['MASTER_ADDR']} is not a cluster host")
     torch.set_num_threads(1)

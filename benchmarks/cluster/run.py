@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ranks", type=int, default=4, help="hosts, one rank each (2..8)")
     parser.add_argument("--rates", default="100mbit,1gbit,10gbit",
                         help="comma-separated link rates")
+    parser.add_argument("--controller", choices=launch.CONTROLLERS, default="gloo",
+                        help="Horovod's controller for the Horovod-based jobs")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way latency per link")
     parser.add_argument("--workload", default="resnet18",
                         choices=["resnet18", "mlp25m", "bert-base", "digits"])
@@ -69,8 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.shapes = [shaping.LinkShape(shaping.parse_rate(rate), args.delay_ms)
                    for rate in args.rates.split(",")]
     if args.output is None:
-        args.output = RESULTS / ("cluster_quick.json" if args.quick
-                                 else f"cluster_{args.workload}_{args.ranks}ranks.json")
+        suffix = "" if args.controller == "gloo" else f"_{args.controller}"
+        args.output = RESULTS / (f"cluster_quick{suffix}.json" if args.quick
+                                 else f"cluster_{args.workload}_{args.ranks}ranks{suffix}.json")
     if args.docs is None:
         args.docs = not args.quick
     return args
@@ -103,7 +106,7 @@ class Runner:
 
                 try:
                     return launch.run_job(self.made, {**job, "contenders": names},
-                                          self.args.job_timeout, progress)
+                                          self.args.job_timeout, progress, self.args.controller)
                 except launch.JobFailed as failure:
                     self.failures.append({"job": label, "contender": failure.contender,
                                           "error": str(failure)[-2000:]})
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "config": {"ranks": args.ranks, "workload": args.workload, "repeats": args.repeats,
+        "config": {"ranks": args.ranks, "workload": args.workload, "controller": args.controller, "repeats": args.repeats,
                    "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                    "seed": args.seed, "delay_ms": args.delay_ms, "contenders": args.contenders},
         "rates": rates,
