@@ -89,6 +89,11 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
 def _tail(path: pathlib.Path) -> str:
     try:
         return path.read_text(errors="replace")[-_LOG_TAIL_CHARS:]
@@ -124,6 +129,9 @@ def _start_mpirun(made: Cluster, job_dir: pathlib.Path, log: pathlib.Path) -> su
                "-np", str(len(made.hosts)),
                "-H", ",".join(f"{host.address}:1" for host in made.hosts),
                "--mca", "plm_rsh_agent", str(MPI_AGENT), "--mca", "btl", "self,tcp",
+               # Daemons talk to mpirun directly: with the default tree routing one launch in
+               # three failed ("ORTE does not know how to route a message to the daemon").
+               "--mca", "routed", "direct",
                "--mca", "btl_tcp_if_include", iface, "--mca", "oob_tcp_if_include", iface,
                "--tag-output", *exported,
                sys.executable, "-m", "benchmarks.cluster.rank", str(job_dir)]
@@ -198,12 +206,18 @@ def _collect(job_dir: pathlib.Path, size: int, launchers: list[subprocess.Popen]
             failed_since = time.monotonic()
         if failed_since is not None and (
                 len(results) == size or time.monotonic() - failed_since > _FAILURE_GRACE_S):
-            # The rank that names a contender holds the cause; the others saw its peers vanish.
-            blamed = sorted(failures, key=lambda r: failures[r]["failed_contender"] is None)
-            if blamed:
-                rank = blamed[0]
-                raise JobFailed(f"rank {rank} failed:\n{failures[rank]['error']}\n--- output ---\n"
-                                f"{_tail(logs[rank])}", failures[rank]["failed_contender"])
+            if failures:
+                # The first rank to fail holds the cause; the others mostly saw a peer vanish.
+                rank = min(failures, key=lambda r: failures[r]["failed_at"])
+                others = "".join(f"\n--- rank {r} also failed: "
+                                 f"{_last_line(failures[r]['error'])}"
+                                 for r in sorted(failures) if r != rank)
+                # A rank that died without a result (e.g. a C++ abort) may hold the real cause.
+                others += "".join(f"\n--- rank {r} ended without a result; its output ends:\n"
+                                  f"{_tail(logs[r])[-1500:]}"
+                                  for r in range(size) if r not in results)
+                raise JobFailed(f"rank {rank} failed first:\n{failures[rank]['error']}{others}",
+                                failures[rank]["failed_contender"])
             index = exited_badly[0]
             name = "mpirun" if len(launchers) < size else f"rank {index}"
             raise JobFailed(f"{name} exited with code {launchers[index].returncode}:\n"

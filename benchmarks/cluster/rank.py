@@ -157,11 +157,12 @@ def main(job_dir: pathlib.Path) -> int:
         result = {"ok": True, **run(job, rank, size, job_dir)}
         code = 0
     except ContenderFailed as failure:
-        result = {"ok": False, "failed_contender": failure.name,
+        result = {"ok": False, "failed_contender": failure.name, "failed_at": time.time(),
                   "error": "".join(traceback.format_exception(failure.__cause__))}
         code = 1
     except Exception:  # noqa: BLE001 - every failure must reach the harness
-        result = {"ok": False, "failed_contender": None, "error": traceback.format_exc()}
+        result = {"ok": False, "failed_contender": None, "failed_at": time.time(),
+                  "error": traceback.format_exc()}
         code = 1
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))

@@ -1,8 +1,9 @@
 """From raw per-rank step records to summaries, plots and ``docs/benchmarks.md``.
 
-    python -m benchmarks.cluster.report benchmarks/results/cluster_resnet18_4ranks.json
+    python -m benchmarks.cluster.report benchmarks/results/cluster_resnet18_4ranks.json [MORE.json]
 
-re-summarizes a results file (rewriting its ``summary``) and regenerates the page and plots.
+re-summarizes results files (rewriting their ``summary``) and regenerates the page and plots
+from the first; further files are appended as tables (e.g. the same run under MPI).
 
 Definitions used everywhere:
 
@@ -86,8 +87,10 @@ def _summarize_rate(rate: dict) -> dict:
         entry["exchange_spread_s"] = [max(0.0, entry["step_s"][q] - compute) for q in ("p25", "p75")]
         if baseline and name != "compute only":
             entry["step_speedup_vs_fp32"] = baseline["step_s"]["median"] / entry["step_s"]["median"]
-            entry["exchange_speedup_vs_fp32"] = (baseline["exchange_s"] / entry["exchange_s"]
-                                                 if entry["exchange_s"] > 0 else None)
+            # Undefined when either exchange time vanished into the compute-only noise.
+            entry["exchange_speedup_vs_fp32"] = (
+                baseline["exchange_s"] / entry["exchange_s"]
+                if entry["exchange_s"] > 0 and baseline["exchange_s"] > 0 else None)
             entry["wire_reduction_vs_fp32"] = (baseline["wire_sent"]["median"]
                                                / max(entry["wire_sent"]["median"], 1))
     return {"label": rate["label"], "rate_mbit": rate["rate_mbit"], "contenders": summary,
@@ -162,21 +165,21 @@ def _plots(results: dict, stem: str) -> list[pathlib.Path]:
     names = list(summary[0]["contenders"]) if summary else []
 
     if shaped:
-        fig, ax = plt.subplots(figsize=(9, 5.5))
-        for name in names:
-            if name == "compute only":
-                continue
+        fig, ax = plt.subplots(figsize=(11, 5.5))
+        colors = plt.cm.tab20.colors
+        for index, name in enumerate(n for n in names if n != "compute only"):
             points = [(rate["rate_mbit"], rate["contenders"][name]["step_s"]["median"])
                       for rate in shaped if name in rate["contenders"]]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", label=name,
-                        linestyle="-" if "Horovod" in name or "DDP" in name else "--")
+                # Solid: what users would pick instead; dashed: this project.
+                ax.plot(xs, ys, marker="os^Dv<>"[index % 7], color=colors[index % len(colors)],
+                        label=name, linestyle="-" if "Horovod" in name or "DDP" in name else "--")
         ax.set(xscale="log", yscale="log", xlabel="link rate (Mbit/s, both directions)",
                ylabel="median step time (s)",
                title=f"{results['config']['workload']}, {results['config']['ranks']} ranks")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         path = DOCS / f"{stem}_time_vs_bandwidth.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -224,13 +227,50 @@ def _plots(results: dict, stem: str) -> list[pathlib.Path]:
     return written
 
 
-def write_docs(results: dict, results_path: pathlib.Path) -> list[pathlib.Path]:
-    """Writes the plots and ``docs/benchmarks.md`` from one run's results."""
-    stem = "cluster"
-    plots = _plots(results, stem)
+def write_docs(results: dict, results_path: pathlib.Path,
+               others: list[tuple[dict, pathlib.Path]] = ()) -> list[pathlib.Path]:
+    """Writes the plots and ``docs/benchmarks.md`` from one run's results (plus tables of others)."""
+    plots = _plots(results, "cluster")
     page = DOCS / "benchmarks.md"
-    page.write_text(render_page(results, results_path, [p.name for p in plots]))
+    text = render_page(results, results_path, [p.name for p in plots])
+    for other, path in others:
+        text += _other_run(other, path)
+    page.write_text(text)
     return plots + [page]
+
+
+def _other_run(results: dict, path: pathlib.Path) -> str:
+    config = results["config"]
+    lines = ["", f"## Another run: {config['ranks']} ranks, "
+                 f"Horovod's {config['controller']} controller",
+             "", f"From `{_relative(path)}` ({results['date']}), made with:", "", "```bash",
+             "sudo " + shell_command(results["command"]), "```", ""]
+    if config.get("controller") == "mpi":
+        compute = ", ".join(
+            f"{rate['contenders']['compute only']['step_s']['median']:.2f} s at {rate['label']}"
+            for rate in results["summary"] if "compute only" in rate["contenders"])
+        lines += ["Bytes on the wire are comparable with the Gloo run; times are not. Each host "
+                  "holds one MPI slot, so Open MPI considers nothing oversubscribed and its "
+                  "ranks poll aggressively while they wait, competing for the 2 cores with the "
+                  f"ranks that compute: even the compute-only step took {compute}.", ""]
+    for rate in results["summary"]:
+        lines += [f"### {rate['label']}", "", *_table(rate), ""]
+    for failure in results["failures"]:
+        cause = (_error_lines(failure["error"]) or failure["error"].splitlines())[-1:]
+        lines += [f"- failed: **{failure['contender'] or 'a job'}** ({failure['job']}): "
+                  + "; ".join(cause)]
+    return "\n".join(lines) + "\n"
+
+
+def _error_lines(error: str) -> list[str]:
+    """The exception lines of a failure: what went wrong, without the traceback's frames."""
+    return [line.strip() for line in error.splitlines()
+            if ("Error" in line and not line.startswith(" ")) or line.strip().startswith("what():")]
+
+
+def _relative(path: pathlib.Path) -> pathlib.Path:
+    resolved = path.resolve()
+    return resolved.relative_to(DOCS.parent) if resolved.is_relative_to(DOCS.parent) else path
 
 
 _WORKLOAD_TEXT = {
@@ -241,6 +281,32 @@ _WORKLOAD_TEXT = {
 }
 
 
+_HEADLINE = "DoubleSqueeze(ScaledSign) sharded"
+
+
+def _headline(results: dict) -> list[str]:
+    """The project's headline contender against Horovod fp32 and DDP + PowerSGD, per link."""
+    lines = []
+    for rate in results["summary"]:
+        entries = rate["contenders"]
+        if _HEADLINE not in entries or BASELINE not in entries:
+            continue
+        ours, fp32 = entries[_HEADLINE], entries[BASELINE]
+        payload_ratio = fp32["payload_sent"]["median"] / ours["payload_sent"]["median"]
+        line = (f"- **{rate['label']}**: {_HEADLINE} sent {ours['wire_reduction_vs_fp32']:.1f}x "
+                f"fewer bytes on the wire than Horovod fp32 ({payload_ratio:.1f}x fewer payload "
+                f"bytes); step time {ours['step_s']['median']:.2f} s vs "
+                f"{fp32['step_s']['median']:.2f} s ({ours['step_speedup_vs_fp32']:.2f}x), "
+                f"exchange time {ours['exchange_s']:.2f} s vs {fp32['exchange_s']:.2f} s")
+        powersgd = {n: e for n, e in entries.items() if n.startswith("DDP PowerSGD")}
+        if powersgd:
+            best = min(powersgd, key=lambda n: powersgd[n]["step_s"]["median"])
+            line += (f"; fastest PowerSGD ({best}): {powersgd[best]['step_s']['median']:.2f} s "
+                     f"per step, {_mb(powersgd[best]['wire_sent']['median'])} MB on the wire")
+        lines.append(line + ".")
+    return (["## Headline (as measured)", "", *lines, ""]) if lines else []
+
+
 def shell_command(command: str) -> str:
     """The script invocation equivalent to a recorded ``python -m ...run`` command."""
     arguments = [a for a in command.split()[3:] if a not in ("--docs", "--no-docs")]
@@ -249,8 +315,7 @@ def shell_command(command: str) -> str:
 
 def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> str:
     config = results["config"]
-    relative = (results_path.resolve().relative_to(DOCS.parent)
-                if results_path.resolve().is_relative_to(DOCS.parent) else results_path)
+    relative = _relative(results_path)
     lines = [
         "# Benchmarks: compressed exchanges on shaped links",
         "",
@@ -270,7 +335,8 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         "a bridge (a switch namespace not connected to anything else), one rank per host. Each "
         "host's link is shaped in both directions with `tc tbf` (and `netem` for latency: "
         f"{config['delay_ms']:g} ms here). Ranks rendezvous over the hosts' addresses: Horovod "
-        "through its own Gloo rendezvous server, PyTorch through its TCP store on host 0.",
+        f"({config.get('controller', 'gloo')} controller) through its own rendezvous, PyTorch "
+        "through its TCP store on host 0.",
         f"- **Workload**: `{config['workload']}` ({_WORKLOAD_TEXT.get(config['workload'], '')}), "
         "with a deliberately tiny computation (`grad = a*d + b*p`, two element-wise operations "
         "per entry) so the exchange dominates the step. Plain SGD, same seed and inputs for every "
@@ -302,7 +368,11 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
             lines += [f"Horovod's background thread negotiates every cycle even when idle: "
                       f"{idle / 1e3:.0f} kB/s per rank measured between steps. It is part of the "
                       "wire bytes of Horovod fp32/fp16 and of this project's contenders (which run "
-                      "on Horovod), not of DDP's (separate jobs, no Horovod).", ""]
+                      "on Horovod), not of DDP's (separate jobs, no Horovod). It grows with the "
+                      "time a step spends away from the network (compression on starved cores), "
+                      "which is why a compressed contender's wire ratio to fp32 can fall below its "
+                      "payload ratio.", ""]
+    lines += _headline(results)
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
     for rate in results["summary"]:
@@ -332,7 +402,7 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
     if results["failures"]:
         lines += ["Contenders that failed are recorded, not hidden (last lines of the error):", ""]
         for failure in results["failures"]:
-            tail = [line for line in failure["error"].splitlines() if line.strip()][-3:]
+            tail = _error_lines(failure["error"])[-3:]
             lines += [f"- **{failure['contender'] or 'a job'}** ({failure['job']}):", "",
                       "  ```", *("  " + line for line in tail), "  ```", ""]
     else:
@@ -349,20 +419,30 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         "Needs root (network namespaces, veth pairs, `tc`). Only addresses of namespaces the "
         "harness created are ever targeted (anything else raises `ForeignAddressError`); "
         "namespaces are removed on exit, Ctrl-C, SIGTERM and failure, and a crashed run's set is "
-        "removed by the next start. MPI is not used by the harness: only Horovod's Gloo "
-        "controller and PyTorch's gloo backend run across the namespaces.",
+        "removed by the next start. Horovod-based jobs run under Horovod's Gloo controller by "
+        "default; `--controller mpi` runs them under MPI: `mpirun` in host 0 starts the other "
+        "hosts' ranks through `benchmarks/cluster/mpi_agent.sh` (`ip netns exec` in place of "
+        "ssh) with its traffic kept on `eth0`. DDP always uses PyTorch's gloo backend. Results "
+        "keep every rank's every step (`benchmarks/results/`), so per-step and per-rank figures "
+        "can be recomputed from them.",
         "",
     ]
     return "\n".join(lines)
 
 
-def main(path: pathlib.Path) -> None:
+def _resummarize(path: pathlib.Path) -> dict:
     results = json.loads(path.read_text())
     results["summary"] = summarize(results)
     path.write_text(json.dumps(results, indent=1))
-    print(text_table(results))
-    print("docs:", ", ".join(str(p) for p in write_docs(results, path)))
+    return results
+
+
+def main(paths: list[pathlib.Path]) -> None:
+    """The first file makes the page and plots; the others are appended as tables."""
+    loaded = [(_resummarize(path), path) for path in paths]
+    print(text_table(loaded[0][0]))
+    print("docs:", ", ".join(str(p) for p in write_docs(*loaded[0], others=loaded[1:])))
 
 
 if __name__ == "__main__":
-    main(pathlib.Path(sys.argv[1]))
+    main([pathlib.Path(arg) for arg in sys.argv[1:]])

@@ -62,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.ranks, args.rates, args.repeats, args.rounds, args.steps = 2, "1gbit,100mbit", 1, 1, 2
-        args.epochs = min(args.epochs, 2)
+        args.epochs = min(args.epochs, 1)
+    # The fragile contenders are probed in the default full run only.
+    args.probes = not args.quick and not args.contenders
     args.contenders = (args.contenders.split(",") if args.contenders
                        else contenders.QUICK if args.quick else contenders.FULL)
     for name in args.contenders:
@@ -99,17 +101,17 @@ class Runner:
         while names:
             with tqdm(total=1, desc=label, unit="step", leave=False) as bar:
                 def progress(state: dict) -> None:
-                    bar.total = state["total"]
-                    bar.n = state["done"]
-                    bar.set_postfix_str(state["label"][:32])
-                    bar.refresh()
+                    if state["done"] != bar.n:  # redraw on news only: logs stay readable
+                        bar.total = state["total"]
+                        bar.n = state["done"]
+                        bar.set_postfix_str(state["label"][:32])
 
                 try:
                     return launch.run_job(self.made, {**job, "contenders": names},
                                           self.args.job_timeout, progress, self.args.controller)
                 except launch.JobFailed as failure:
                     self.failures.append({"job": label, "contender": failure.contender,
-                                          "error": str(failure)[-2000:]})
+                                          "error": str(failure)[-6000:]})
                     tqdm.write(f"{label}: {failure.contender or 'the job'} failed; recorded")
                     if failure.contender not in names or failure.contender == "compute only":
                         return None
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for index, shape in enumerate(tqdm(args.shapes, desc="link rates", unit="rate")):
             shaping.shape_cluster(made, shape)
             # Probes may hang until the collective timeout: once, on the first link, is enough.
-            rates.append(runner.speed(shape, probes=index == 0 and not args.quick))
+            rates.append(runner.speed(shape, probes=index == 0 and args.probes))
         # Bytes and accuracy do not depend on the link; the last (fastest) rate saves time.
         convergence = runner.convergence() if args.epochs > 0 else None
     results = {
