@@ -256,7 +256,8 @@ def _other_run(results: dict, path: pathlib.Path) -> str:
     for rate in results["summary"]:
         lines += [f"### {rate['label']}", "", *_table(rate), ""]
     for failure in results["failures"]:
-        cause = (_error_lines(failure["error"]) or failure["error"].splitlines())[-1:]
+        cause = (_error_lines(failure["error"])
+                 or [line for line in failure["error"].splitlines() if len(line.split()) > 3])[-1:]
         lines += [f"- failed: **{failure['contender'] or 'a job'}** ({failure['job']}): "
                   + "; ".join(cause)]
     return "\n".join(lines) + "\n"
@@ -411,7 +412,7 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         "## Reproducing and extending",
         "",
         "```bash",
-        "sudo scripts/cluster_benchmark.sh --quick          # 2 ranks, a few minutes, no docs",
+        "sudo scripts/cluster_benchmark.sh --quick          # 2 ranks, under 5 minutes, no docs",
         "sudo scripts/cluster_benchmark.sh --rates 100mbit --delay-ms 5 --workload mlp25m",
         "sudo scripts/cluster_benchmark.sh --contenders 'Horovod fp32,DoubleSqueeze(ScaledSign) sharded'",
         "```",
