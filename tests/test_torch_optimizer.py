@@ -1,4 +1,6 @@
 """horovod_squeeze.torch.DistributedOptimizer on 2 and 4 ranks against the NumPy simulation."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -398,3 +400,19 @@ def test_accumulation_unused_parameters_and_warmup_match_simulation():
         for rank in range(num_proc):
             got_used, got_unused = results[rank][step]
             _assert_close(np.concatenate([got_unused, got_used]), want, f"rank {rank} step {step}")
+
+
+def test_error_feedback_with_high_variance_unbiased_compressor_warns():
+    import torch
+
+    from horovod_squeeze.torch.engine import SqueezeEngine
+
+    with pytest.warns(UserWarning, match="use ToContractive"):
+        SqueezeEngine(hs.DoubleSqueeze(hs.QSGD(4)), [("w", torch.Size([10_000]))],
+                      collectives=_FakeComm())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SqueezeEngine(hs.DoubleSqueeze(hs.ToContractive(hs.QSGD(4))), [("w", torch.Size([10_000]))],
+                      collectives=_FakeComm())
+        SqueezeEngine(hs.NoFeedback(hs.QSGD(4)), [("w", torch.Size([10_000]))],
+                      collectives=_FakeComm())

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import time
+import warnings
 
 import torch
 
@@ -99,6 +100,14 @@ class SqueezeEngine:
                 f"exchange='allreduce' sums compressed values, which is only correct for linear "
                 f"compressors (Identity, FP16, RandK); {algorithm.compressor!r} is not linear: "
                 "use exchange='sharded' or 'allgather'")
+        largest = max((math.prod(shape) for _, shape in named_shapes), default=1)
+        contract = algorithm.compressor.contract(largest)
+        if algorithm.worker_feedback and contract.kind == "unbiased" and contract.omega > 1:
+            warnings.warn(
+                f"{algorithm!r}: error feedback needs a contractive compressor, and "
+                f"{algorithm.compressor!r} is unbiased with omega = {contract.omega:.3g} on "
+                f"{largest} entries, so its residuals can grow without bound; use "
+                f"ToContractive({algorithm.compressor!r})", stacklevel=3)
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb!r}")
         if min_compress_numel < 0 or warmup_steps < 0 or log_every < 0:
