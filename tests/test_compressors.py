@@ -1,6 +1,5 @@
 """Every compressor in every framework: byte-identical payloads, exact round trips against the NumPy
 reference, declared contracts measured on random vectors, and clear errors for bad input."""
-import math
 
 import numpy as np
 import pytest
