@@ -69,7 +69,8 @@ def pass_bytes(compressor: Compressor, exchange: str, numel: int, num_ranks: int
     """Payload bytes one rank sends and receives for a bucket of ``numel`` entries.
 
     Counts what crosses the rank's boundary: a rank's own piece of an alltoall or allgather does
-    not travel. Allreduce is counted as a ring: ``2 (n - 1) / n`` of the buffer each way.
+    not travel. Allreduce is counted as a ring, ``2 (n - 1) / n`` each way of the values it sums
+    (a linear payload's header, such as RandK's stream key, never travels: every rank knows it).
     """
     peers = num_ranks - 1
     if exchange == "sharded":
@@ -79,7 +80,7 @@ def pass_bytes(compressor: Compressor, exchange: str, numel: int, num_ranks: int
         payload = compressor.payload_nbytes(numel)
         return PassBytes(peers * payload, peers * payload, 0, 0)
     if exchange == "allreduce":
-        ring = 2 * peers * compressor.payload_nbytes(numel) // num_ranks
+        ring = 2 * peers * compressor.layout(numel)["values"].nbytes // num_ranks
         return PassBytes(ring, ring, 0, 0)
     raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
 

@@ -139,6 +139,7 @@ CONFIGS = [
     {"compression": hs.ErrorFeedback(hs.TopK(0.05)), "exchange": "allgather"},
     {"compression": hs.NoFeedback(hs.ScaledSign(scale="rms"))},
     {"compression": hs.DoubleSqueeze(hs.ToContractive(hs.QSGD(4)))},
+    {"compression": hs.DoubleSqueeze(hs.RandK(0.2, seed=2)), "exchange": "allreduce"},
 ]
 
 
@@ -169,6 +170,8 @@ def test_telemetry_bytes_equal_the_wire_format():
         for step in result["steps"]:
             assert step["bytes"] == expected
             assert step["fp32_bytes"] == fp32_allreduce_bytes(total, num_proc)
+    # An allreduce moves only the summed values: RandK's 4-byte stream key stays home.
+    assert pass_bytes(hs.RandK(0.01), "allreduce", 100_000, 4).pass1_sent == 2 * 3 * 4000 // 4
     # 1-bit DoubleSqueeze sends far fewer bytes than an fp32 allreduce even on this tiny model.
     first = results[0][0]["steps"][0]
     assert first["fp32_bytes"] / first["bytes"].sent > 8

@@ -20,7 +20,7 @@ from horovod_squeeze.algorithms import (
     SERVER, WORKER, Algorithm, server_stage, stage_nonce, worker_stage,
 )
 from horovod_squeeze.exchange import (
-    EXCHANGES, PassBytes, fp32_allreduce_bytes, shard_numel, shard_valid_numel,
+    EXCHANGES, PassBytes, fp32_allreduce_bytes, pass_bytes, shard_numel, shard_valid_numel,
 )
 from horovod_squeeze.torch import codecs
 
@@ -203,10 +203,11 @@ class SqueezeEngine:
         else:  # allreduce of a linear compressor's values; ranks share the random stream
             out = self._worker_stage(bucket, flat, self.worker_residuals[bucket.index],
                                      shard=0, rank=0)
-            header, values = self._split_linear(out.payload, bucket.numel)
+            header, values = codecs.split_linear(self.algorithm.compressor, out.payload,
+                                                 bucket.numel)
             bucket.handle = ("pass1", (header, comm.allreduce_average(values, name + ".pass1")))
-            ring = 2 * (comm.size - 1) * values.numel() * values.element_size() // comm.size
-            self._bytes += PassBytes(ring, ring, 0, 0)
+            self._bytes += pass_bytes(self.algorithm.compressor, "allreduce", bucket.numel,
+                                      comm.size)
         self._timing["compress"] += time.perf_counter() - start
         self._launched.append(bucket)
 
@@ -240,12 +241,6 @@ class SqueezeEngine:
         peers = self.comm.size - 1
         self._bytes += PassBytes(peers * pass1, peers * pass1, peers * pass2, peers * pass2)
 
-    def _split_linear(self, payload, numel):
-        layout = self.algorithm.compressor.layout(numel)
-        section, start, stop = next(s for s in layout.spans() if s[0].name == "values")
-        dtype = torch.float16 if section.kind == "float16" else torch.float32
-        return payload[:start], payload[start:stop].clone().view(dtype)
-
     def finish(self) -> None:
         """Completes every launched bucket: server stage, pass 2, decode; then advances the step."""
         comm = self.comm
@@ -269,7 +264,7 @@ class SqueezeEngine:
                 header, values_handle = handle
                 values = self._wait(values_handle)
                 start = time.perf_counter()
-                payload = torch.cat([header, values.contiguous().view(torch.uint8)])
+                payload = codecs.join_linear(header, values)
                 mean = codecs.decompress(self.algorithm.compressor, payload, bucket.numel)
                 self._timing["decode"] += time.perf_counter() - start
                 self._store(bucket, self._replicated_server_stage(bucket, [mean]))

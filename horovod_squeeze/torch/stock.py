@@ -80,15 +80,12 @@ class StockCompression:
                            nonce=stage_nonce(step, stream_id(name), 0, WORKER), name=name)
         if out.residual is not None:
             residual.copy_(out.residual)
-        layout = self.algorithm.compressor.layout(flat.numel())
-        section, start, stop = next(s for s in layout.spans() if s[0].name == "values")
-        dtype = torch.float16 if section.kind == "float16" else torch.float32
-        values = out.payload[start:stop].clone().view(dtype)
-        return values, (name, step, out.payload[:start], tensor.shape, tensor.dtype)
+        header, values = codecs.split_linear(self.algorithm.compressor, out.payload, flat.numel())
+        return values, (name, step, header, tensor.shape, tensor.dtype)
 
     def decompress(self, values: torch.Tensor, ctx):
         name, step, header, shape, dtype = ctx
-        payload = torch.cat([header, values.contiguous().view(torch.uint8)])
+        payload = codecs.join_linear(header, values)
         mean = codecs.decompress(self.algorithm.compressor, payload, math.prod(shape), name=name)
         residual = self.server_residuals.setdefault(name, torch.zeros_like(mean))
         out = server_stage(codecs, self.algorithm, [mean], residual,
