@@ -15,16 +15,45 @@ communicating, and telemetry can be checked against the wire format.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 
+from horovod_squeeze.algorithms import Algorithm
 from horovod_squeeze.compressors import Compressor
 
-__all__ = ["EXCHANGES", "shard_numel", "shard_valid_numel", "PassBytes", "pass_bytes",
+__all__ = ["EXCHANGES", "check_configuration", "shard_numel", "shard_valid_numel", "PassBytes", "pass_bytes",
            "fp32_allreduce_bytes"]
 
 EXCHANGES = ("sharded", "allgather", "allreduce")
 
 # Shards are whole bytes of 1-bit payloads, so every shard's bits start on a byte boundary.
 SHARD_ALIGNMENT = 8
+
+
+def check_configuration(algorithm, named_shapes, exchange: str, *, warmup_steps: int = 0,
+                        log_every: int = 0, stacklevel: int = 4) -> None:
+    """Refuses impossible settings with a clear error; warns on unsafe ones (both frameworks)."""
+    if not isinstance(algorithm, Algorithm):
+        raise TypeError("compression must be an algorithm such as "
+                        "horovod_squeeze.DoubleSqueeze(horovod_squeeze.ScaledSign()), "
+                        f"got {algorithm!r}")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if exchange == "allreduce" and not algorithm.compressor.linear:
+        raise ValueError(
+            f"exchange='allreduce' sums compressed values, which is only correct for linear "
+            f"compressors (Identity, FP16, RandK); {algorithm.compressor!r} is not linear: "
+            "use exchange='sharded' or 'allgather'")
+    if warmup_steps < 0 or log_every < 0:
+        raise ValueError("warmup_steps and log_every must be >= 0")
+    largest = max((math.prod(int(d) for d in shape) for _, shape in named_shapes), default=1)
+    contract = algorithm.compressor.contract(largest)
+    if algorithm.worker_feedback and contract.kind == "unbiased" and contract.omega > 1:
+        warnings.warn(
+            f"{algorithm!r}: error feedback needs a contractive compressor, and "
+            f"{algorithm.compressor!r} is unbiased with omega = {contract.omega:.3g} on "
+            f"{largest} entries, so its residuals can grow without bound; use "
+            f"ToContractive({algorithm.compressor!r})", stacklevel=stacklevel)
 
 
 def shard_numel(numel: int, num_ranks: int) -> int:

@@ -34,7 +34,10 @@ def hash32(x):
 
 
 def stream_key(seed: int, nonce: int) -> int:
-    """32-bit key of the stream for a compressor ``seed`` and a per-call ``nonce`` (any ints)."""
+    """32-bit key of the stream for a compressor ``seed`` and a per-call ``nonce``.
+
+    ``nonce`` is any int, or an int64 tensor (a step counter read inside ``tf.function``).
+    """
     key = hash32((seed & MASK32) ^ _GOLDEN)
     key = hash32(key ^ (nonce & MASK32))
-    return hash32(key ^ ((nonce >> 32) & MASK32))
+    return hash32(key ^ ((nonce // (1 << 32)) & MASK32))

@@ -8,18 +8,7 @@ import horovod_squeeze as hs
 from horovod_squeeze.exchange import fp32_allreduce_bytes, pass_bytes
 from horovod_squeeze.reference.simulate import init_state, simulate_step
 from horovod_squeeze.testing import run_on_ranks
-
-# Parameter shapes of a small model: matrices, a bias below min_compress_numel, odd sizes.
-SHAPES = {"layer1.weight": (37, 11), "layer1.bias": (37,), "layer2.weight": (5, 37),
-          "layer3.weight": (64, 33)}
-STEPS = 5
-
-
-def _gradient(name, rank, step):
-    """Gradient of parameter ``name`` on ``rank`` at ``step``: random, different per rank."""
-    seed = sum(map(ord, name)) * 7919 + rank * 104729 + step * 1299709
-    return np.random.default_rng(seed).standard_normal(SHAPES[name]).astype(np.float32)
-
+from simulation_cases import SHAPES, STEPS, assert_close, check_against_simulation, gradient
 
 def _make_model():
     import torch
@@ -30,7 +19,7 @@ def _make_model():
 
 
 def _run_steps(configs):
-    """Rank body: for each config, STEPS steps whose gradients are exactly _gradient(...)."""
+    """Rank body: for each config, STEPS steps whose gradients are exactly gradient(...)."""
     import horovod.torch as hvd
     import torch
 
@@ -48,7 +37,7 @@ def _run_steps(configs):
         for step in range(STEPS):
             optimizer.zero_grad()
             # d/dp sum(p * G) = G: the hooks see exactly the gradients the simulation uses.
-            loss = sum((p * torch.from_numpy(_gradient(n, hvd.rank(), step))).sum() for n, p in named)
+            loss = sum((p * torch.from_numpy(gradient(n, hvd.rank(), step))).sum() for n, p in named)
             loss.backward()
             optimizer.synchronize()
             steps.append({
@@ -68,57 +57,6 @@ def _run_steps(configs):
     return results
 
 
-def _simulate(config, buckets, num_ranks):
-    """Per step: applied gradients and per-bucket residuals, from the NumPy simulation."""
-    algorithm, exchange = config["compression"], config.get("exchange", "sharded")
-    states = {index: init_state(numel, num_ranks, exchange)
-              for index, _, kind, numel in buckets if kind != "uncompressed"}
-    trajectory = []
-    for step in range(STEPS):
-        applied = {}
-        for index, names, kind, numel in buckets:
-            grads = [np.concatenate([_gradient(n, r, step).reshape(-1) for n in names])
-                     for r in range(num_ranks)]
-            if kind == "uncompressed":
-                flat = np.mean(grads, axis=0)
-            else:
-                flat, states[index] = simulate_step(algorithm, exchange, grads, states[index],
-                                                    step=step, bucket=index)
-            offset = 0
-            for n in names:
-                size = int(np.prod(SHAPES[n]))
-                applied[n] = flat[offset:offset + size].reshape(SHAPES[n])
-                offset += size
-        trajectory.append({"applied": applied,
-                           "states": {i: (s.worker_residuals, s.server_residuals)
-                                      for i, s in states.items()}})
-    return trajectory
-
-
-def _assert_close(got, expected, what):
-    scale = max(float(np.linalg.norm(expected)), 1e-30)
-    error = float(np.linalg.norm(np.asarray(got, np.float64) - expected)) / scale
-    assert error <= 1e-6, f"{what}: relative error {error:.3g}"
-
-
-def _check_against_simulation(config, results, num_ranks):
-    buckets = results[0]["buckets"]
-    simulated = _simulate(config, buckets, num_ranks)
-    exchange = config.get("exchange", "sharded")
-    for rank, result in enumerate(results):
-        assert result["buckets"] == buckets
-        for step, (got, want) in enumerate(zip(result["steps"], simulated)):
-            for name in SHAPES:
-                _assert_close(got["applied"][name], want["applied"][name],
-                              f"rank {rank} step {step} applied {name}")
-            for index, (workers, servers) in want["states"].items():
-                _assert_close(got["worker"][index], workers[rank],
-                              f"rank {rank} step {step} bucket {index} worker residual")
-                owner = rank if exchange == "sharded" else 0
-                _assert_close(got["server"][index], servers[owner],
-                              f"rank {rank} step {step} bucket {index} server residual")
-
-
 DS_SIGN = hs.DoubleSqueeze(hs.ScaledSign())
 
 
@@ -129,7 +67,7 @@ def test_double_squeeze_matches_simulation(controller, num_proc):
     results = run_on_ranks(_run_steps, num_proc, controller, args=([config],), timeout=180)
     per_rank = [r[0] for r in results]
     assert len(per_rank[0]["buckets"]) >= 3
-    _check_against_simulation(config, per_rank, num_proc)
+    check_against_simulation(config, per_rank, num_proc)
 
 
 CONFIGS = [
@@ -148,7 +86,7 @@ def test_algorithms_and_exchanges_match_simulation(num_proc):
     configs = [{**c, "min_compress_numel": 0} for c in CONFIGS]
     results = run_on_ranks(_run_steps, num_proc, "gloo", args=(configs,), timeout=240)
     for i, config in enumerate(configs):
-        _check_against_simulation(config, [r[i] for r in results], num_proc)
+        check_against_simulation(config, [r[i] for r in results], num_proc)
 
 
 def test_telemetry_bytes_equal_the_wire_format():
@@ -270,7 +208,7 @@ def _stock_steps(algorithm):
     applied = []
     for step in range(STEPS):
         optimizer.zero_grad()
-        sum((p * torch.from_numpy(_gradient(n, hvd.rank(), step))).sum() for n, p in named).backward()
+        sum((p * torch.from_numpy(gradient(n, hvd.rank(), step))).sum() for n, p in named).backward()
         optimizer.step()
         applied.append({n: p.grad.numpy().copy() for n, p in named})
     return applied
@@ -287,7 +225,7 @@ def test_stock_horovod_path_matches_simulation(algorithm):
     states = {n: init_state(int(np.prod(s)), num_proc, "allreduce") for n, s in SHAPES.items()}
     for step in range(STEPS):
         for name, shape in SHAPES.items():
-            grads = [_gradient(name, r, step).reshape(-1) for r in range(num_proc)]
+            grads = [gradient(name, r, step).reshape(-1) for r in range(num_proc)]
             want, states[name] = simulate_step(algorithm, "allreduce", grads, states[name],
                                                step=step, bucket=stream_id(name))
             for rank in range(num_proc):
@@ -295,7 +233,7 @@ def test_stock_horovod_path_matches_simulation(algorithm):
                 if isinstance(algorithm.compressor, hs.FP16):  # Horovod averages in float16
                     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
                 else:
-                    _assert_close(got, want, f"rank {rank} step {step} {name}")
+                    assert_close(got, want, f"rank {rank} step {step} {name}")
 
 
 def test_stock_path_rejects_nonlinear_compressors():
@@ -329,7 +267,7 @@ def _save_then_report(path, steps):
     named, optimizer = _squeezed_model()
     for step in range(steps):
         optimizer.zero_grad()
-        sum((p * torch.from_numpy(_gradient(n, hvd.rank(), step))).sum() for n, p in named).backward()
+        sum((p * torch.from_numpy(gradient(n, hvd.rank(), step))).sum() for n, p in named).backward()
         optimizer.step()
     state = optimizer.state_dict()  # a collective: every rank calls it
     if hvd.rank() == 0:
@@ -402,7 +340,7 @@ def test_accumulation_unused_parameters_and_warmup_match_simulation():
             want, state = simulate_step(DS_SIGN, "sharded", flats, state, step=step)
         for rank in range(num_proc):
             got_used, got_unused = results[rank][step]
-            _assert_close(np.concatenate([got_unused, got_used]), want, f"rank {rank} step {step}")
+            assert_close(np.concatenate([got_unused, got_used]), want, f"rank {rank} step {step}")
 
 
 def test_error_feedback_with_high_variance_unbiased_compressor_warns():

@@ -1,4 +1,10 @@
-"""TensorFlow binding of horovod-squeeze."""
-from horovod_squeeze.tensorflow.codecs import compress, decompress
+"""TensorFlow binding of horovod-squeeze: codecs, ``DistributedGradientTape`` and residual state.
 
-__all__ = ["compress", "decompress"]
+Keras lives in :mod:`horovod_squeeze.tensorflow.keras`.
+"""
+from horovod_squeeze.tensorflow import state
+from horovod_squeeze.tensorflow.codecs import compress, decompress
+from horovod_squeeze.tensorflow.stock import StockCompression
+from horovod_squeeze.tensorflow.tape import DistributedGradientTape
+
+__all__ = ["DistributedGradientTape", "StockCompression", "compress", "decompress", "state"]

@@ -29,6 +29,8 @@ class TensorFlowOps(ArrayOps):
         return tf.cast(x, _DTYPES[kind])
 
     def constant(self, values, kind):
+        if tf.is_tensor(values) or (isinstance(values, list) and any(map(tf.is_tensor, values))):
+            return tf.cast(tf.stack(values) if isinstance(values, list) else values, _DTYPES[kind])
         return tf.constant(values, dtype=_DTYPES[kind])
 
     def arange(self, n):

@@ -18,11 +18,12 @@ from horovod_squeeze._codecs import Codec
 from horovod_squeeze.compressors import Compressor
 from horovod_squeeze.torch._ops import TorchOps
 
-__all__ = ["compress", "decompress", "split_linear", "join_linear"]
+__all__ = ["compress", "decompress", "split_linear", "join_linear", "xp"]
 
 _codec = Codec(TorchOps())
 compress = _codec.compress
 decompress = _codec.decompress
+xp = _codec.xp  # the array operations, for framework-neutral code such as horovod_squeeze.passes
 
 
 def split_linear(spec: Compressor, payload: torch.Tensor, numel: int):

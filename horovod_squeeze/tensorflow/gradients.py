@@ -1,0 +1,91 @@
+"""The function that replaces Horovod's ``_allreduce_grads`` in its tape and Keras optimizer.
+
+Horovod's ``DistributedGradientTape`` and Keras ``DistributedOptimizer`` both average gradients by
+calling ``self._allreduce_grads(grads, vars)``. :class:`SqueezeGradients` has that signature and
+sends the gradients through a :class:`~horovod_squeeze.tensorflow.engine.SqueezeEngine` instead,
+keyed by the variables: one engine per list of variables, built on first use (outside any graph
+being traced) and reused on every later call and retrace.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from horovod_squeeze.algorithms import Algorithm
+from horovod_squeeze.tensorflow.collectives import HorovodCollectives
+from horovod_squeeze.tensorflow.engine import SqueezeEngine
+
+__all__ = ["SqueezeGradients", "engine_options"]
+
+
+def engine_options(exchange="sharded", bucket_cap_mb=25.0, min_compress_numel=1024,
+                   warmup_steps=0, log_every=0, checkpoint_residuals=True) -> dict:
+    """The engine keywords the public wrappers accept, with their defaults."""
+    return dict(exchange=exchange, bucket_cap_mb=bucket_cap_mb,
+                min_compress_numel=min_compress_numel, warmup_steps=warmup_steps,
+                log_every=log_every, checkpoint_residuals=checkpoint_residuals)
+
+
+class SqueezeGradients:
+    """``(grads, vars) -> averaged grads`` through a compressed exchange (Horovod's signature)."""
+
+    def __init__(self, algorithm: Algorithm, *, op_is_sum: bool, gradient_predivide_factor: float,
+                 process_set, options: dict, on_build=None):
+        self.algorithm = algorithm
+        self.options = options
+        self.collectives = HorovodCollectives(process_set)
+        # Average is what the algorithms compute; Sum is the same times the number of ranks.
+        self.prescale = 1.0 / gradient_predivide_factor
+        self.postscale = gradient_predivide_factor * (self.collectives.size if op_is_sum else 1.0)
+        self.on_build = on_build
+        self.engines: dict[tuple, SqueezeEngine] = {}
+        self._compiled: dict[tuple, tf.types.experimental.GenericFunction] = {}
+
+    @property
+    def engine(self) -> SqueezeEngine | None:
+        """The engine, once gradients went through (``None`` before; an error if several lists of
+        variables did: then use :attr:`engines`)."""
+        if len(self.engines) > 1:
+            raise RuntimeError(f"{len(self.engines)} lists of variables went through this wrapper, "
+                               "each with its own engine: see .engines")
+        return next(iter(self.engines.values()), None)
+
+    def build(self, variables) -> SqueezeEngine:
+        """The engine for ``variables`` (created once, with zero residuals)."""
+        variables = list(variables)
+        key = tuple(v.ref() for v in variables)
+        if key not in self.engines:
+            with tf.init_scope():
+                engine = SqueezeEngine(self.algorithm, _named_shapes(variables),
+                                       collectives=self.collectives, **self.options)
+            self.engines[key] = engine
+            self._compiled[key] = tf.function(engine.exchange, autograph=False)
+            if self.on_build is not None:
+                self.on_build(engine)
+        return self.engines[key]
+
+    def __call__(self, grads, variables, use_generic_names=False):
+        del use_generic_names  # collectives are named by engine and bucket
+        if variables is None:
+            raise ValueError("compressed exchanges key residuals by variable: pass the variables")
+        grads, variables = list(grads), list(variables)
+        engine = self.build(variables)
+        grads = [g if g is None or self.prescale == 1.0 else g * self.prescale for g in grads]
+        exchange = (self._compiled[tuple(v.ref() for v in variables)] if tf.executing_eagerly()
+                    else engine.exchange)  # eagerly, as Horovod does: run the exchange as a graph
+        averaged = exchange(grads)
+        return [a if a is None or self.postscale == 1.0 else a * self.postscale for a in averaged]
+
+
+def _named_shapes(variables) -> list[tuple[str, tuple[int, ...]]]:
+    """Unique names (variables may share one, e.g. ``Variable:0``) and static shapes."""
+    named, seen = [], {}
+    for variable in variables:
+        if not variable.shape.is_fully_defined():
+            raise ValueError(f"{variable.name}: compressed exchanges need static shapes, got "
+                             f"{variable.shape}")
+        name = variable.name
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}#{seen[name] - 1}"
+        named.append((name, tuple(variable.shape.as_list())))
+    return named

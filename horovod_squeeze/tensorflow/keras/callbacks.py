@@ -1,0 +1,235 @@
+"""Keras callbacks for compressed training, working on ``tf_keras`` (``TF_USE_LEGACY_KERAS=1``).
+
+Horovod's own Keras callbacks import Keras 3's backend when Keras 3 is installed beside
+``tf_keras`` (as with TensorFlow 2.16+), and ``MetricAverageCallback`` then fails at the end of the
+first epoch; these use TensorFlow and Horovod's TensorFlow ops directly.
+
+Order matters where noted: Keras calls callbacks in list order.
+
+Example::
+
+    callbacks = [
+        hsk.callbacks.BroadcastGlobalVariablesCallback(root_rank=0),
+        hsk.callbacks.WarmupCallback(warmup_epochs=1),
+        hsk.callbacks.ResidualRescaleCallback(),
+        hsk.callbacks.MetricAverageCallback(),
+        hsk.callbacks.CompressionStatsCallback(),
+        hsk.callbacks.ResidualCheckpointCallback(),
+    ]
+    if hvd.rank() == 0:
+        callbacks.append(tf.keras.callbacks.ModelCheckpoint("ckpt/{epoch}", save_weights_only=True))
+"""
+from __future__ import annotations
+
+import horovod.tensorflow as hvd
+import numpy as np
+import tensorflow as tf
+
+from horovod_squeeze.tensorflow import state
+
+__all__ = ["BroadcastGlobalVariablesCallback", "MetricAverageCallback",
+           "CompressionStatsCallback", "WarmupCallback", "ResidualRescaleCallback",
+           "ResidualCheckpointCallback"]
+
+Callback = tf.keras.callbacks.Callback
+
+
+def _engine(model, build: bool = True):
+    """The squeeze engine of ``model``'s optimizer (built from its trainable variables), or None."""
+    optimizer = getattr(model, "optimizer", None)
+    if not hasattr(optimizer, "build_squeeze"):
+        return None
+    if build:
+        return optimizer.build_squeeze(model.trainable_variables)
+    return optimizer.squeeze_engine
+
+
+def _require_engine(callback, model):
+    engine = _engine(model)
+    if engine is None:
+        raise ValueError(f"{type(callback).__name__} needs a model compiled with "
+                         "horovod_squeeze.tensorflow.keras.DistributedOptimizer and an algorithm")
+    return engine
+
+
+def _optimizer_variables(optimizer) -> list:
+    variables = optimizer.variables
+    return list(variables() if callable(variables) else variables)
+
+
+class BroadcastGlobalVariablesCallback(Callback):
+    """Broadcasts model and optimizer variables from ``root_rank`` so all ranks start alike.
+
+    Model variables are broadcast when training begins; optimizer variables, which Keras creates
+    during the first step, again after the first batch (as Horovod does). Residuals are per rank and
+    are never broadcast. Put it first in the list.
+    """
+
+    def __init__(self, root_rank: int = 0):
+        super().__init__()
+        self.root_rank = root_rank
+        self._done = False
+
+    def on_train_begin(self, logs=None):
+        _engine(self.model)  # residual variables exist before the first step
+        if self.model.variables:
+            hvd.broadcast_variables(self.model.variables, root_rank=self.root_rank)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._done:
+            return
+        hvd.broadcast_variables(self.model.variables +
+                                _optimizer_variables(self.model.optimizer),
+                                root_rank=self.root_rank)
+        self._done = True
+
+
+class MetricAverageCallback(Callback):
+    """Averages the epoch's metrics over ranks, so rank 0 reports (and checkpoints on) all ranks.
+
+    Put it before callbacks that read epoch metrics (``ModelCheckpoint``, ``ReduceLROnPlateau``).
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not logs:
+            return
+        for name in sorted(logs):  # the same order, so the same collective names, on every rank
+            value = logs[name]
+            if isinstance(value, (int, float, np.floating, np.integer)) or (
+                    tf.is_tensor(value) and value.shape.rank == 0):
+                averaged = hvd.allreduce(tf.constant(float(value), tf.float64), op=hvd.Average,
+                                         name=f"squeeze.metric.{name}")
+                logs[name] = float(averaged.numpy())
+
+
+class CompressionStatsCallback(Callback):
+    """Adds bytes per step, the ratio to fp32 allreduce and residual norms to the Keras logs.
+
+    Batch logs get ``squeeze_bytes`` and ``squeeze_ratio``; epoch logs also get
+    ``squeeze_worker_residual_norm`` and ``squeeze_server_residual_norm`` (this rank's, over all
+    variables). With ``log_dir``, rank 0 also writes them to TensorBoard. Put it before
+    ``TensorBoard`` and ``ProgbarLogger`` callbacks so they see the values.
+    """
+
+    def __init__(self, log_dir: str | None = None):
+        super().__init__()
+        self.log_dir = log_dir
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        _require_engine(self, self.model)
+        if self.log_dir and hvd.rank() == 0:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    def _stats(self, logs):
+        stats = self.model.optimizer.compression_stats
+        if stats is not None and logs is not None:
+            logs["squeeze_bytes"] = float(stats.bytes.sent)
+            logs["squeeze_ratio"] = float(stats.compression_ratio)
+        return stats
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._stats(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {} if logs is None else logs
+        stats = self._stats(logs)
+        norms = self.model.optimizer.residual_norms()
+        logs["squeeze_worker_residual_norm"] = float(np.sqrt(sum(w * w for w, _ in norms.values())))
+        logs["squeeze_server_residual_norm"] = float(np.sqrt(sum(s * s for _, s in norms.values())))
+        if self._writer is not None and stats is not None:
+            with self._writer.as_default(step=epoch):
+                for key in ("squeeze_bytes", "squeeze_ratio", "squeeze_worker_residual_norm",
+                            "squeeze_server_residual_norm"):
+                    tf.summary.scalar(key, logs[key])
+            self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class WarmupCallback(Callback):
+    """Uncompressed averaging for the first ``warmup_epochs`` epochs or ``warmup_steps`` steps.
+
+    Counted from the start of this ``fit`` (``initial_epoch`` included), then every step is
+    compressed. Residuals stay zero while warming up.
+    """
+
+    def __init__(self, warmup_epochs: int = 0, warmup_steps: int = 0):
+        super().__init__()
+        if warmup_epochs < 0 or warmup_steps < 0 or (warmup_epochs and warmup_steps):
+            raise ValueError("give one of warmup_epochs and warmup_steps, >= 0")
+        self.warmup_epochs = warmup_epochs
+        self.warmup_steps = warmup_steps
+
+    def on_train_begin(self, logs=None):
+        engine = _require_engine(self, self.model)
+        if self.warmup_steps:
+            engine.warmup_steps.assign(int(engine.step.numpy()) + self.warmup_steps)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.warmup_epochs:
+            engine = _require_engine(self, self.model)
+            warming = epoch < self.warmup_epochs
+            engine.warmup_steps.assign(np.iinfo(np.int64).max if warming else 0)
+
+
+class ResidualRescaleCallback(Callback):
+    """Keeps residuals worth the same update when the learning rate changes.
+
+    Residuals hold gradient not yet applied, in gradient units; when the learning rate moves from
+    ``a`` to ``b``, they are scaled by ``a / b`` so that ``lr * residual`` is unchanged. Checks
+    before every batch, so it sees changes made by ``LearningRateScheduler`` (epoch begin, put this
+    after it) and by learning-rate schedules (per step).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._last = None
+
+    def _learning_rate(self) -> float:
+        optimizer = self.model.optimizer
+        rate = optimizer.learning_rate
+        if isinstance(rate, tf.keras.optimizers.schedules.LearningRateSchedule):
+            rate = rate(optimizer.iterations)
+        return float(tf.keras.backend.get_value(rate))
+
+    def on_train_begin(self, logs=None):
+        _require_engine(self, self.model)
+        self._last = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        rate = self._learning_rate()
+        if self._last is not None and rate != self._last:
+            if rate <= 0:
+                raise ValueError(f"learning rate became {rate}: residuals in gradient units "
+                                 "cannot be rescaled to it")
+            _engine(self.model).scale_residuals(self._last / rate)
+        self._last = rate
+
+
+class ResidualCheckpointCallback(Callback):
+    """Saves every rank's residuals with the optimizer's checkpoint and restores them on resume.
+
+    At the end of each epoch (every ``every_epochs``) it gathers the residuals into the engine's
+    snapshot variables, which ``ModelCheckpoint(save_weights_only=True)`` (TF format) and
+    ``tf.train.Checkpoint`` save with the optimizer: put it *before* ``ModelCheckpoint``, on every
+    rank. When training begins after ``model.load_weights(...)`` on every rank, each rank takes
+    its residuals back, so training resumes exactly where the checkpoint was taken.
+    """
+
+    def __init__(self, every_epochs: int = 1):
+        super().__init__()
+        if every_epochs < 1:
+            raise ValueError(f"every_epochs must be >= 1, got {every_epochs}")
+        self.every_epochs = every_epochs
+        self.restored = False
+
+    def on_train_begin(self, logs=None):
+        self.restored = state.restore(_require_engine(self, self.model))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every_epochs == 0:
+            state.gather(_require_engine(self, self.model))

@@ -1,0 +1,112 @@
+"""Keras ``DistributedOptimizer``: Horovod's Keras optimizer with a compressed exchange.
+
+Built by Horovod's own ``horovod.tensorflow.keras.DistributedOptimizer`` (so ``model.fit``,
+``backward_passes_per_step``, local variables and serialization behave as in Horovod); only its
+``_allreduce_grads`` is replaced by a :class:`~horovod_squeeze.tensorflow.gradients.SqueezeGradients`.
+The engine becomes a tracked attribute of the optimizer when it is built, so its residual snapshot
+travels in the optimizer's checkpoints.
+"""
+from __future__ import annotations
+
+import horovod.tensorflow as hvd
+import horovod.tensorflow.keras as hvd_keras
+from horovod.tensorflow.compression import Compression
+
+from horovod_squeeze.algorithms import Algorithm
+from horovod_squeeze.compressors import Compressor
+from horovod_squeeze.telemetry import StepStats
+from horovod_squeeze.tensorflow.gradients import SqueezeGradients, engine_options
+from horovod_squeeze.tensorflow.tape import _check_horovod_options
+
+__all__ = ["DistributedOptimizer"]
+
+
+class _SqueezeOptimizer:
+    """What the wrapped optimizer adds to Horovod's, mirroring the PyTorch optimizer."""
+
+    def build_squeeze(self, variables):
+        """Builds the engine for ``variables`` now (callbacks do this at the start of ``fit``, so
+        a checkpoint's residuals are restored before the first step)."""
+        return self._squeeze.build(variables)
+
+    @property
+    def squeeze_engine(self):
+        return self._squeeze.engine
+
+    @property
+    def compression_stats(self) -> StepStats | None:
+        """Bytes of the last step on this rank (``None`` before the first step)."""
+        engine = self._squeeze.engine
+        return None if engine is None else engine.last_stats
+
+    def residual_norms(self) -> dict[str, tuple[float, float]]:
+        """Per variable name: (worker residual norm, norm of this rank's server residual)."""
+        engine = self._squeeze.engine
+        return {} if engine is None else engine.residual_norms()
+
+
+def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse="",
+                         compression=Compression.none, sparse_as_dense=False,
+                         gradient_predivide_factor=1.0, op=hvd.Average,
+                         backward_passes_per_step=1, average_aggregated_gradients=False,
+                         num_groups=0, groups=None, process_set=hvd.global_process_set,
+                         scale_local_gradients=True, *, exchange="sharded", bucket_cap_mb=25.0,
+                         min_compress_numel=1024, warmup_steps=0, log_every=0,
+                         checkpoint_residuals=True):
+    """Wraps a ``tf_keras`` optimizer so gradients average through a compressed exchange.
+
+    Arguments are Horovod's (``horovod.tensorflow.keras.DistributedOptimizer``), except
+    ``compression``, an algorithm such as ``hs.DoubleSqueeze(hs.ScaledSign())`` (Horovod's own
+    compressions give Horovod's optimizer unchanged), and the engine options of
+    :func:`horovod_squeeze.tensorflow.DistributedGradientTape`.
+
+    Example (run with ``TF_USE_LEGACY_KERAS=1``)::
+
+        import horovod.tensorflow.keras as hvd
+        import horovod_squeeze as hs
+        import horovod_squeeze.tensorflow.keras as hsk
+
+        hvd.init()
+        optimizer = hsk.DistributedOptimizer(tf.keras.optimizers.SGD(0.1 * hvd.size()),
+                                             compression=hs.DoubleSqueeze(hs.ScaledSign()))
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+        model.fit(x, y, callbacks=[hsk.callbacks.BroadcastGlobalVariablesCallback(0),
+                                   hsk.callbacks.MetricAverageCallback()])
+    """
+    if isinstance(compression, Compressor):
+        raise TypeError(f"compression={compression!r} is a compressor; wrap it in an algorithm, "
+                        f"e.g. horovod_squeeze.DoubleSqueeze({compression!r})")
+    compressed = isinstance(compression, Algorithm)
+    if compressed:
+        _check_horovod_options(op, gradient_predivide_factor, num_groups, groups)
+    distributed = hvd_keras.DistributedOptimizer(
+        optimizer, name=name, device_dense=device_dense, device_sparse=device_sparse,
+        compression=Compression.none if compressed else compression,
+        sparse_as_dense=sparse_as_dense, gradient_predivide_factor=gradient_predivide_factor,
+        op=op, backward_passes_per_step=backward_passes_per_step,
+        average_aggregated_gradients=average_aggregated_gradients, num_groups=num_groups,
+        groups=groups, process_set=process_set, scale_local_gradients=scale_local_gradients)
+    if not compressed:
+        return distributed
+
+    def track(engine):  # a tracked attribute: the engine's snapshot is saved with the optimizer
+        distributed._squeeze_engine = engine
+
+    squeeze = SqueezeGradients(
+        compression, op_is_sum=op == hvd.Sum, gradient_predivide_factor=gradient_predivide_factor,
+        process_set=process_set,
+        options=engine_options(exchange, bucket_cap_mb, min_compress_numel, warmup_steps,
+                               log_every, checkpoint_residuals),
+        on_build=track)
+    distributed._squeeze = squeeze
+    distributed._allreduce_grads = squeeze
+    helper = distributed._agg_helper
+    if helper is not None:  # backward_passes_per_step > 1: Horovod's helper calls the exchange
+        attribute = "allreduce_grads" if hasattr(helper, "allreduce_grads") else "_allreduce_grads"
+        setattr(helper, attribute, squeeze)
+    # Horovod made this class for this optimizer alone, and its methods call
+    # super(self.__class__, self), so the additions go into it rather than into a subclass.
+    for attribute, value in vars(_SqueezeOptimizer).items():
+        if not attribute.startswith("__"):
+            setattr(type(distributed), attribute, value)
+    return distributed

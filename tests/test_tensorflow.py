@@ -1,0 +1,285 @@
+"""horovod_squeeze.tensorflow on 2 and 4 ranks against the NumPy simulation the PyTorch tests use:
+eagerly, inside tf.function and under Keras ``fit``; Keras callbacks; payloads across frameworks."""
+import numpy as np
+import pytest
+
+import horovod_squeeze as hs
+from horovod_squeeze.exchange import PassBytes, fp32_allreduce_bytes, pass_bytes
+from horovod_squeeze.reference.simulate import init_state, simulate_step
+from horovod_squeeze.testing import run_on_ranks
+from simulation_cases import SHAPES, STEPS, assert_close, check_against_simulation, gradient
+
+DS_SIGN = hs.DoubleSqueeze(hs.ScaledSign())
+MODES = ["eager", "function", "fit"]
+
+
+def _variables():
+    import tensorflow as tf
+
+    return [tf.Variable(tf.zeros(shape), name=name) for name, shape in SHAPES.items()]
+
+
+def _gradients(rank, step):
+    return [gradient(name, rank, step) for name in SHAPES]
+
+
+def _snapshot(engine, names):
+    return {"worker": {b.index: engine.worker_residuals[b.index].numpy().copy()
+                       for b in engine.buckets},
+            "server": {b.index: engine.server_residuals[b.index].numpy().copy()
+                       for b in engine.buckets},
+            "stats": engine.last_stats}
+
+
+def _buckets(engine):
+    return [(b.index, [n.split(":")[0] for n in b.names], b.exchange, b.numel)
+            for b in engine.buckets]
+
+
+def _run_steps(configs, mode):
+    """Rank body: STEPS steps whose gradients are exactly gradient(...), per config."""
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    import horovod_squeeze.tensorflow as hstf
+    import horovod_squeeze.tensorflow.keras as hsk
+
+    hvd.init()
+    results = []
+    for config in configs:
+        variables = _variables()
+        names = list(SHAPES)
+        steps = []
+        if mode in ("eager", "function"):
+            wrappers = []
+
+            def exchange(grads):
+                with tf.GradientTape() as tape:
+                    # d/dv sum(v * G) = G: the exchange sees exactly the simulation's gradients.
+                    loss = tf.add_n([tf.reduce_sum(v * g) for v, g in zip(variables, grads)])
+                tape = hstf.DistributedGradientTape(tape, **config)
+                wrappers.append(tape.squeeze)
+                return tape.gradient(loss, variables)
+
+            if mode == "function":
+                exchange = tf.function(exchange)
+            for step in range(STEPS):
+                applied = exchange([tf.constant(g) for g in _gradients(hvd.rank(), step)])
+                squeeze = wrappers[-1]
+                steps.append({"applied": dict(zip(names, (a.numpy() for a in applied))),
+                              **_snapshot(squeeze.engine, names)})
+            engine = squeeze.engine
+            wrappers_alike = all(w is squeeze for w in wrappers)
+        else:
+            model, optimizer = _keras_known_gradients(variables, config)
+            x = np.stack([np.concatenate([g.reshape(-1) for g in _gradients(hvd.rank(), step)])
+                          for step in range(STEPS)])
+            recorder = _Recorder(variables, names)
+            model.fit(x, np.zeros(STEPS), batch_size=1, epochs=1, shuffle=False, verbose=0,
+                      callbacks=[recorder])
+            engine = optimizer.squeeze_engine
+            steps = recorder.steps
+            wrappers_alike = True
+        num_engines = len(squeeze.engines) if mode != "fit" else len(optimizer._squeeze.engines)
+        results.append({"steps": steps, "buckets": _buckets(engine),
+                        "wrappers_alike": wrappers_alike, "num_engines": num_engines})
+    return results
+
+
+def _keras_known_gradients(variables, config):
+    """A tf_keras model whose loss on input G is sum(v * G): the gradients are the inputs."""
+    import tensorflow as tf
+
+    import horovod_squeeze.tensorflow.keras as hsk
+
+    class KnownGradients(tf.keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.known = variables  # tracked: model.trainable_variables, in this order
+
+        def call(self, x):
+            total, offset = 0.0, 0
+            for v in self.known:
+                numel = int(np.prod(v.shape))
+                total += tf.reduce_sum(v * tf.reshape(x[0, offset:offset + numel], v.shape))
+                offset += numel
+            return tf.reshape(total, [1, 1])
+
+    model = tf.keras.Sequential([KnownGradients()])
+    optimizer = hsk.DistributedOptimizer(tf.keras.optimizers.SGD(1.0), **config)
+    model.compile(optimizer=optimizer, loss=lambda y, p: tf.reduce_sum(p))
+    return model, optimizer
+
+
+def _recorder_class():
+    import tensorflow as tf
+
+    class Recorder(tf.keras.callbacks.Callback):
+        """Applied gradient of each step: weights before minus after (SGD, learning rate 1)."""
+
+        def __init__(self, variables, names):
+            super().__init__()
+            self.variables, self.names, self.steps = variables, names, []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.before = [v.numpy().copy() for v in self.variables]
+
+        def on_train_batch_end(self, batch, logs=None):
+            engine = self.model.optimizer.squeeze_engine
+            self.steps.append({"weights": dict(zip(self.names, (v.numpy() for v in self.variables))),
+                               **_snapshot(engine, self.names)})
+
+    return Recorder
+
+
+def _Recorder(variables, names):
+    return _recorder_class()(variables, names)
+
+
+def _check(config, results, num_proc, mode):
+    if mode == "fit":  # the weights after each step are minus the simulated applied gradients
+        from simulation_cases import simulate
+        buckets = results[0]["buckets"]
+        simulated = simulate(config, buckets, num_proc)
+        for rank, result in enumerate(results):
+            weights = {n: np.zeros(s, np.float32) for n, s in SHAPES.items()}
+            for step, (got, want) in enumerate(zip(result["steps"], simulated)):
+                for name in SHAPES:
+                    weights[name] = weights[name] - want["applied"][name]
+                    assert_close(got["weights"][name], weights[name],
+                                 f"rank {rank} step {step} weights {name}")
+        converted = [{"buckets": r["buckets"],
+                      "steps": [{"applied": w["applied"], **{k: s[k] for k in ("worker", "server")}}
+                                for s, w in zip(r["steps"], simulated)]} for r in results]
+        check_against_simulation(config, converted, num_proc)
+    else:
+        check_against_simulation(config, results, num_proc)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("num_proc", [2, 4])
+def test_double_squeeze_matches_simulation(num_proc, mode):
+    config = {"compression": DS_SIGN, "bucket_cap_mb": 0.005, "min_compress_numel": 100}
+    results = run_on_ranks(_run_steps, num_proc, "gloo", args=([config], mode), timeout=240)
+    per_rank = [r[0] for r in results]
+    assert len(per_rank[0]["buckets"]) >= 3
+    _check(config, per_rank, num_proc, mode)
+    # A new tape every step (and every retrace) reuses the same engine and residuals.
+    assert per_rank[0]["num_engines"] == 1 and per_rank[0]["wrappers_alike"]
+
+
+CONFIGS = [
+    {"compression": hs.DoubleSqueeze(hs.TopK(0.1))},
+    {"compression": hs.DoubleSqueeze(hs.ScaledSign(block_size=64)), "exchange": "allgather"},
+    {"compression": hs.ErrorFeedback(hs.TopK(0.05)), "exchange": "allgather"},
+    {"compression": hs.NoFeedback(hs.ScaledSign(scale="rms"))},
+    {"compression": hs.DoubleSqueeze(hs.ToContractive(hs.QSGD(4)))},
+    {"compression": hs.DoubleSqueeze(hs.RandK(0.2, seed=2)), "exchange": "allreduce"},
+]
+
+
+@pytest.mark.parametrize("num_proc", [2, 4])
+def test_algorithms_and_exchanges_match_simulation_in_tf_function(num_proc):
+    configs = [{**c, "min_compress_numel": 0} for c in CONFIGS]
+    results = run_on_ranks(_run_steps, num_proc, "gloo", args=(configs, "function"), timeout=300)
+    for i, config in enumerate(configs):
+        _check(config, [r[i] for r in results], num_proc, "function")
+
+
+def test_mpi_controller_matches_simulation():
+    config = {"compression": DS_SIGN, "min_compress_numel": 100}
+    results = run_on_ranks(_run_steps, 2, "mpi", args=([config], "function"), timeout=240)
+    _check(config, [r[0] for r in results], 2, "function")
+
+
+def test_telemetry_bytes_equal_the_wire_format():
+    num_proc = 2
+    config = {"compression": DS_SIGN, "min_compress_numel": 100}
+    result = run_on_ranks(_run_steps, num_proc, "gloo", args=([config], "eager"), timeout=120)[0][0]
+    expected = PassBytes(0, 0, 0, 0)
+    for _, _, kind, numel in result["buckets"]:
+        if kind == "uncompressed":
+            ring = fp32_allreduce_bytes(numel, num_proc)
+            expected += PassBytes(ring, ring, 0, 0)
+        else:
+            expected += pass_bytes(config["compression"].compressor, kind, numel, num_proc)
+    total = sum(numel for *_, numel in result["buckets"])
+    for step, record in enumerate(result["steps"]):
+        assert record["stats"].step == step
+        assert record["stats"].bytes == expected
+        assert record["stats"].fp32_allreduce_bytes == fp32_allreduce_bytes(total, num_proc)
+
+
+def _stock_steps(algorithm):
+    """Rank body: Horovod's own tape with StockCompression; STEPS known-gradient steps."""
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    import horovod_squeeze.tensorflow as hstf
+
+    hvd.init()
+    variables = _variables()
+    compression = hstf.StockCompression(algorithm, variables)
+
+    @tf.function
+    def exchange(grads):
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([tf.reduce_sum(v * g) for v, g in zip(variables, grads)])
+        return hvd.DistributedGradientTape(tape, compression=compression).gradient(loss, variables)
+
+    return [dict(zip(SHAPES, (a.numpy() for a in exchange(_gradients(hvd.rank(), step)))))
+            for step in range(STEPS)]
+
+
+@pytest.mark.parametrize("algorithm", [hs.ErrorFeedback(hs.RandK(0.2, seed=4)),
+                                       hs.DoubleSqueeze(hs.RandK(0.3, unbiased=True))], ids=repr)
+def test_stock_horovod_path_matches_simulation(algorithm):
+    from horovod_squeeze.tensorflow.stock import stream_id
+
+    num_proc = 2
+    results = run_on_ranks(_stock_steps, num_proc, "gloo", args=(algorithm,), timeout=120)
+    states = {n: init_state(int(np.prod(s)), num_proc, "allreduce") for n, s in SHAPES.items()}
+    for step in range(STEPS):
+        for name in SHAPES:
+            grads = [gradient(name, r, step).reshape(-1) for r in range(num_proc)]
+            want, states[name] = simulate_step(algorithm, "allreduce", grads, states[name],
+                                               step=step, bucket=stream_id(f"{name}:0"))
+            for rank in range(num_proc):
+                assert_close(results[rank][step][name].reshape(-1), want,
+                             f"rank {rank} step {step} {name}")
+
+
+@pytest.mark.parametrize("spec", [hs.ScaledSign(), hs.TopK(0.05), hs.QSGD(4, seed=3),
+                                  hs.RandK(0.1, seed=1), hs.FP16(), hs.Ternary(block_size=32)],
+                         ids=repr)
+def test_payloads_cross_between_tensorflow_and_pytorch(spec):
+    import tensorflow as tf
+    import torch
+
+    from horovod_squeeze.tensorflow import codecs as tf_codecs
+    from horovod_squeeze.torch import codecs as torch_codecs
+
+    x = np.random.default_rng(7).standard_normal(1001).astype(np.float32)
+    from_tf = tf_codecs.compress(spec, tf.constant(x), nonce=11).numpy()
+    from_torch = torch_codecs.compress(spec, torch.from_numpy(x), nonce=11).numpy()
+    np.testing.assert_array_equal(from_tf, from_torch)
+    in_torch = torch_codecs.decompress(spec, torch.from_numpy(from_tf), x.size).numpy()
+    in_tf = tf_codecs.decompress(spec, tf.constant(from_torch), x.size).numpy()
+    np.testing.assert_array_equal(in_torch, in_tf)
+    assert np.any(in_tf != 0)
+
+
+def test_bad_configurations_are_refused():
+    import tensorflow as tf
+
+    import horovod_squeeze.tensorflow as hstf
+    import horovod_squeeze.tensorflow.keras as hsk
+
+    with pytest.raises(TypeError, match="wrap it in an algorithm"):
+        hstf.DistributedGradientTape(tf.GradientTape(), compression=hs.ScaledSign())
+    with pytest.raises(TypeError, match="wrap it in an algorithm"):
+        hsk.DistributedOptimizer(tf.keras.optimizers.SGD(0.1), compression=hs.TopK(0.1))
+    with pytest.raises(ValueError, match="use bucket_cap_mb"):
+        hstf.DistributedGradientTape(tf.GradientTape(), compression=DS_SIGN, groups=2)
+    with pytest.raises(ValueError, match="only correct for linear compressors"):
+        hstf.StockCompression(DS_SIGN, _variables())
