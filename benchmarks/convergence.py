@@ -1,11 +1,13 @@
 """Accuracy against bytes: the digits example on 4 ranks, every contender with the same epochs and seeds.
 
-    .venv/bin/python benchmarks/convergence.py                 # 3 seeds, 60 epochs
+    .venv/bin/python benchmarks/convergence.py                 # PyTorch: 3 seeds, 60 epochs
+    .venv/bin/python benchmarks/convergence.py --framework keras --contenders fp32,ds-sign
     .venv/bin/python benchmarks/convergence.py --seeds 1 --epochs 10   # a quick look
 
-Each contender trains ``examples/pytorch_digits.py`` under ``horovodrun -np 4 --gloo`` once per seed.
-Printed and written to ``benchmarks/results/convergence_pytorch.json``: per contender and seed the
-held-out accuracy and the bytes each rank sent per step, and the mean accuracy over seeds.
+Each contender trains ``examples/pytorch_digits.py`` (or ``examples/keras_digits.py``: the same
+network, split and schedule under ``model.fit``) under ``horovodrun -np 4 --gloo`` once per seed.
+Printed and written to ``benchmarks/results/convergence_<framework>.json``: per contender and seed
+the held-out accuracy and the bytes each rank sent per step, and the mean accuracy over seeds.
 """
 from __future__ import annotations
 
@@ -21,24 +23,26 @@ import tempfile
 from tqdm import tqdm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "convergence_pytorch.json"
+EXAMPLES = {"pytorch": "pytorch_digits.py", "keras": "keras_digits.py"}
 
-CONTENDERS = {
-    "fp32 allreduce": ["--algorithm", "none"],
-    "NoFeedback(ScaledSign)": ["--algorithm", "nofeedback", "--compressor", "scaledsign"],
-    "ErrorFeedback(ScaledSign)": ["--algorithm", "errorfeedback", "--compressor", "scaledsign"],
-    "DoubleSqueeze(ScaledSign)": ["--algorithm", "doublesqueeze", "--compressor", "scaledsign"],
-    "DoubleSqueeze(TopK(0.01))": ["--algorithm", "doublesqueeze", "--compressor", "topk",
-                                  "--ratio", "0.01"],
+CONTENDERS = {  # short name: (label, example flags)
+    "fp32": ("fp32 allreduce", ["--algorithm", "none"]),
+    "nf-sign": ("NoFeedback(ScaledSign)", ["--algorithm", "nofeedback", "--compressor", "scaledsign"]),
+    "ef-sign": ("ErrorFeedback(ScaledSign)",
+                ["--algorithm", "errorfeedback", "--compressor", "scaledsign"]),
+    "ds-sign": ("DoubleSqueeze(ScaledSign)",
+                ["--algorithm", "doublesqueeze", "--compressor", "scaledsign"]),
+    "ds-topk": ("DoubleSqueeze(TopK(0.01))",
+                ["--algorithm", "doublesqueeze", "--compressor", "topk", "--ratio", "0.01"]),
 }
 
 
-def run(contender_args, seed, epochs, num_proc):
+def run(example, contender_args, seed, epochs, num_proc):
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "metrics.json"
         command = [str(ROOT / ".venv" / "bin" / "horovodrun"), "-np", str(num_proc),
                    "-H", f"localhost:{num_proc}", "--gloo", sys.executable,
-                   str(ROOT / "examples" / "pytorch_digits.py"), "--seed", str(seed),
+                   str(ROOT / "examples" / example), "--seed", str(seed),
                    "--epochs", str(epochs), "--json", str(out), *contender_args]
         env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
                "OMP_NUM_THREADS": "1"}
@@ -51,16 +55,25 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--num-proc", type=int, default=4)
+    parser.add_argument("--framework", choices=list(EXAMPLES), default="pytorch")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help=f"comma-separated, from {', '.join(CONTENDERS)} (fp32 is required)")
     args = parser.parse_args()
+    chosen = args.contenders.split(",")
+    unknown = set(chosen) - set(CONTENDERS)
+    if unknown or "fp32" not in chosen:
+        parser.error(f"--contenders: unknown {sorted(unknown)}" if unknown else
+                     "--contenders must include fp32, the baseline")
 
     runs = []
-    jobs = [(name, seed) for seed in range(1, args.seeds + 1) for name in CONTENDERS]
-    for name, seed in tqdm(jobs, desc="training runs"):
-        metrics = run(CONTENDERS[name], seed, args.epochs, args.num_proc)
-        runs.append({"contender": name, **metrics})
+    jobs = [(short, seed) for seed in range(1, args.seeds + 1) for short in chosen]
+    for short, seed in tqdm(jobs, desc="training runs"):
+        label, flags = CONTENDERS[short]
+        metrics = run(EXAMPLES[args.framework], flags, seed, args.epochs, args.num_proc)
+        runs.append({"contender": label, **metrics})
 
     summary = {}
-    for name in CONTENDERS:
+    for name in (CONTENDERS[short][0] for short in chosen):
         mine = [r for r in runs if r["contender"] == name]
         summary[name] = {"mean_accuracy": statistics.mean(r["accuracy"] for r in mine),
                          "accuracies": [r["accuracy"] for r in mine],
@@ -75,15 +88,17 @@ def main():
               f"{s['bytes_sent_per_step']:>11} "
               f"{s['fp32_allreduce_bytes_per_step'] / s['bytes_sent_per_step']:>11.1f}x")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "benchmark": "convergence_pytorch",
-        "command": f"python benchmarks/convergence.py --seeds {args.seeds} --epochs {args.epochs} "
+    results = ROOT / "benchmarks" / "results" / f"convergence_{args.framework}.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({
+        "benchmark": f"convergence_{args.framework}",
+        "command": f"python benchmarks/convergence.py --framework {args.framework} "
+                   f"--contenders {args.contenders} --seeds {args.seeds} --epochs {args.epochs} "
                    f"--num-proc {args.num_proc}",
-        "task": "examples/pytorch_digits.py: scikit-learn digits, 4 ranks, SGD, lr 0.1 x ranks, "
-                "1-epoch warm-up + cosine decay, batch 32 per rank",
+        "task": f"examples/{EXAMPLES[args.framework]}: scikit-learn digits, {args.num_proc} ranks, "
+                "SGD, lr 0.1 x ranks, 1-epoch warm-up + cosine decay, batch 32 per rank",
         "summary": summary, "runs": runs}, indent=1))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

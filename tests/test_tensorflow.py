@@ -283,3 +283,123 @@ def test_bad_configurations_are_refused():
         hstf.DistributedGradientTape(tf.GradientTape(), compression=DS_SIGN, groups=2)
     with pytest.raises(ValueError, match="only correct for linear compressors"):
         hstf.StockCompression(DS_SIGN, _variables())
+
+
+def _keras_training(epochs, checkpoint_dir, resume_at=None):
+    """Rank body: a small MLP under fit; with resume_at, stop there, rebuild and resume from the
+    checkpoint that rank 0 saved (every rank loads it)."""
+    import os
+
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    import horovod_squeeze.tensorflow.keras as hsk
+
+    hvd.init()
+    data = np.random.default_rng(0).standard_normal((64 * hvd.size(), 20)).astype(np.float32)
+    target = (data[:, 0] > 0).astype(np.int64)
+    x, y = data[hvd.rank()::hvd.size()], target[hvd.rank()::hvd.size()]
+
+    def build():
+        tf.keras.utils.set_random_seed(1)
+        model = tf.keras.Sequential([tf.keras.layers.Dense(32, "relu", input_shape=(20,)),
+                                     tf.keras.layers.Dense(2)])
+        optimizer = hsk.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9),
+                                             compression=DS_SIGN, min_compress_numel=0)
+        model.compile(optimizer=optimizer,
+                      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    def fit(model, initial_epoch, last_epoch, save):
+        resumed = hsk.callbacks.ResidualCheckpointCallback()
+        callbacks = [hsk.callbacks.BroadcastGlobalVariablesCallback(0), resumed]
+        if save and hvd.rank() == 0:
+            callbacks.append(tf.keras.callbacks.ModelCheckpoint(
+                os.path.join(checkpoint_dir, "epoch{epoch}"), save_weights_only=True))
+        model.fit(x, y, batch_size=16, epochs=last_epoch, initial_epoch=initial_epoch,
+                  shuffle=False, verbose=0, callbacks=callbacks)
+        return resumed.restored
+
+    model = build()
+    if resume_at is None:
+        restored = fit(model, 0, epochs, save=False)
+    else:
+        fit(model, 0, resume_at, save=True)
+        hvd.allreduce(tf.constant(0.0), name="checkpoint_written")  # a barrier
+        model = build()  # what a new process builds
+        model.load_weights(os.path.join(checkpoint_dir, f"epoch{resume_at}"))
+        restored = fit(model, resume_at, epochs, save=False)
+    return {"restored": restored, "weights": [w.copy() for w in model.get_weights()],
+            "residual_norms": model.optimizer.residual_norms()}
+
+
+def test_keras_checkpoint_resumes_identically(tmp_path):
+    uninterrupted = run_on_ranks(_keras_training, 2, "gloo", args=(4, str(tmp_path)), timeout=180)
+    resumed = run_on_ranks(_keras_training, 2, "gloo", args=(4, str(tmp_path)),
+                           kwargs={"resume_at": 2}, timeout=180)
+    for rank in range(2):
+        assert resumed[rank]["restored"] and not uninterrupted[rank]["restored"]
+        assert any(w > 0 for w, _ in resumed[rank]["residual_norms"].values())
+        for got, want in zip(resumed[rank]["weights"], uninterrupted[rank]["weights"]):
+            np.testing.assert_array_equal(got, want)
+        # Layer names differ between the two models; the residuals, in order, do not.
+        assert (list(resumed[rank]["residual_norms"].values())
+                == list(uninterrupted[rank]["residual_norms"].values()))
+
+
+def _callbacks_body():
+    """Rank body: warm-up, metric averaging, statistics and learning-rate rescaling under fit."""
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    import horovod_squeeze.tensorflow.keras as hsk
+
+    hvd.init()
+    variables = _variables()
+    model, optimizer = _keras_known_gradients(
+        variables, {"compression": DS_SIGN, "min_compress_numel": 0})
+    x = np.stack([np.concatenate([g.reshape(-1) for g in _gradients(hvd.rank(), step)])
+                  for step in range(4)])
+    recorder = _Recorder(variables, list(SHAPES))
+
+    class Probe(tf.keras.callbacks.Callback):
+        """Injects a per-rank metric; records the residual before the first batch of epoch 1."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs["rank_metric"] = float(hvd.rank())
+            if epoch == 0:
+                self.residual_at_end = optimizer.squeeze_engine.worker_residuals[0].numpy().copy()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if not hasattr(self, "after_rescale") and hasattr(self, "residual_at_end"):
+                self.after_rescale = optimizer.squeeze_engine.worker_residuals[0].numpy().copy()
+
+    probe = Probe()
+    history = model.fit(
+        x, np.zeros(4), batch_size=1, epochs=2, steps_per_epoch=2, shuffle=False, verbose=0,
+        callbacks=[recorder, hsk.callbacks.WarmupCallback(warmup_steps=1),
+                   tf.keras.callbacks.LearningRateScheduler(lambda epoch, lr: 1.0 / (1 + epoch)),
+                   hsk.callbacks.ResidualRescaleCallback(), probe,
+                   hsk.callbacks.MetricAverageCallback(), hsk.callbacks.CompressionStatsCallback()])
+    return {"steps": recorder.steps, "history": history.history,
+            "residual_at_end": probe.residual_at_end, "after_rescale": probe.after_rescale}
+
+
+def test_keras_callbacks():
+    num_proc = 2
+    results = run_on_ranks(_callbacks_body, num_proc, "gloo", timeout=180)
+    for rank, result in enumerate(results):
+        history = result["history"]
+        assert history["rank_metric"] == [0.5, 0.5]  # averaged over ranks
+        assert all(r > 8 for r in history["squeeze_ratio"])
+        assert all(n > 0 for n in history["squeeze_worker_residual_norm"])
+        # Warm-up: step 0 is the exact mean (to float rounding) with zero residuals.
+        first = result["steps"][0]
+        for name in SHAPES:
+            mean = np.mean([gradient(name, r, 0) for r in range(num_proc)], axis=0)
+            assert_close(-first["weights"][name], mean, f"rank {rank} warm-up step {name}")
+        assert all(not np.any(w) for w in first["worker"].values())
+        assert any(np.any(w) for w in result["steps"][1]["worker"].values())
+        # The learning rate halves at epoch 1: residuals double, so lr * residual is unchanged.
+        np.testing.assert_allclose(result["after_rescale"], 2 * result["residual_at_end"],
+                                   rtol=1e-6)

@@ -37,6 +37,7 @@ class SqueezeGradients:
         self.prescale = 1.0 / gradient_predivide_factor
         self.postscale = gradient_predivide_factor * (self.collectives.size if op_is_sum else 1.0)
         self.on_build = on_build
+        self._pending: list = []
         self.engines: dict[tuple, SqueezeEngine] = {}
         self._compiled: dict[tuple, tf.types.experimental.GenericFunction] = {}
 
@@ -59,9 +60,22 @@ class SqueezeGradients:
                                        collectives=self.collectives, **self.options)
             self.engines[key] = engine
             self._compiled[key] = tf.function(engine.exchange, autograph=False)
-            if self.on_build is not None:
-                self.on_build(engine)
+            with tf.init_scope():
+                if self.on_build is not None:
+                    self.on_build(engine)
+                pending, self._pending = self._pending, []
+                for action in pending:
+                    action(engine)
         return self.engines[key]
+
+    def when_built(self, action) -> None:
+        """Runs ``action(engine)`` now if the engine exists, else right after it is built (eagerly,
+        before its first exchange): how Keras callbacks reach a model that is not built yet."""
+        engine = self.engine
+        if engine is None:
+            self._pending.append(action)
+        else:
+            action(engine)
 
     def __call__(self, grads, variables, use_generic_names=False):
         del use_generic_names  # collectives are named by engine and bucket

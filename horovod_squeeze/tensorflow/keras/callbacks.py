@@ -34,22 +34,22 @@ __all__ = ["BroadcastGlobalVariablesCallback", "MetricAverageCallback",
 Callback = tf.keras.callbacks.Callback
 
 
-def _engine(model, build: bool = True):
-    """The squeeze engine of ``model``'s optimizer (built from its trainable variables), or None."""
-    optimizer = getattr(model, "optimizer", None)
-    if not hasattr(optimizer, "build_squeeze"):
-        return None
-    if build:
-        return optimizer.build_squeeze(model.trainable_variables)
-    return optimizer.squeeze_engine
-
-
-def _require_engine(callback, model):
-    engine = _engine(model)
-    if engine is None:
+def _squeeze(callback, model):
+    """The compressed exchange of ``model``'s optimizer; an error if it has none."""
+    squeeze = getattr(getattr(model, "optimizer", None), "_squeeze", None)
+    if squeeze is None:
         raise ValueError(f"{type(callback).__name__} needs a model compiled with "
                          "horovod_squeeze.tensorflow.keras.DistributedOptimizer and an algorithm")
-    return engine
+    return squeeze
+
+
+def _when_built(callback, model, action) -> None:
+    """``action(engine)`` as soon as the engine exists: now for a built model (its engine is built
+    from the trainable variables), else just before the first exchange."""
+    squeeze = _squeeze(callback, model)
+    if model.built and squeeze.engine is None:
+        squeeze.build(model.trainable_variables)
+    squeeze.when_built(action)
 
 
 def _optimizer_variables(optimizer) -> list:
@@ -71,7 +71,6 @@ class BroadcastGlobalVariablesCallback(Callback):
         self._done = False
 
     def on_train_begin(self, logs=None):
-        _engine(self.model)  # residual variables exist before the first step
         if self.model.variables:
             hvd.broadcast_variables(self.model.variables, root_rank=self.root_rank)
 
@@ -117,7 +116,7 @@ class CompressionStatsCallback(Callback):
         self._writer = None
 
     def on_train_begin(self, logs=None):
-        _require_engine(self, self.model)
+        _squeeze(self, self.model)
         if self.log_dir and hvd.rank() == 0:
             self._writer = tf.summary.create_file_writer(self.log_dir)
 
@@ -165,15 +164,14 @@ class WarmupCallback(Callback):
         self.warmup_steps = warmup_steps
 
     def on_train_begin(self, logs=None):
-        engine = _require_engine(self, self.model)
         if self.warmup_steps:
-            engine.warmup_steps.assign(int(engine.step.numpy()) + self.warmup_steps)
+            _when_built(self, self.model, lambda engine: engine.warmup_steps.assign(
+                int(engine.step.numpy()) + self.warmup_steps))
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.warmup_epochs:
-            engine = _require_engine(self, self.model)
-            warming = epoch < self.warmup_epochs
-            engine.warmup_steps.assign(np.iinfo(np.int64).max if warming else 0)
+            until = np.iinfo(np.int64).max if epoch < self.warmup_epochs else 0
+            _when_built(self, self.model, lambda engine: engine.warmup_steps.assign(until))
 
 
 class ResidualRescaleCallback(Callback):
@@ -197,16 +195,17 @@ class ResidualRescaleCallback(Callback):
         return float(tf.keras.backend.get_value(rate))
 
     def on_train_begin(self, logs=None):
-        _require_engine(self, self.model)
+        self._squeeze = _squeeze(self, self.model)
         self._last = None
 
     def on_train_batch_begin(self, batch, logs=None):
         rate = self._learning_rate()
-        if self._last is not None and rate != self._last:
+        engine = self._squeeze.engine
+        if self._last is not None and rate != self._last and engine is not None:
             if rate <= 0:
                 raise ValueError(f"learning rate became {rate}: residuals in gradient units "
                                  "cannot be rescaled to it")
-            _engine(self.model).scale_residuals(self._last / rate)
+            engine.scale_residuals(self._last / rate)
         self._last = rate
 
 
@@ -228,8 +227,13 @@ class ResidualCheckpointCallback(Callback):
         self.restored = False
 
     def on_train_begin(self, logs=None):
-        self.restored = state.restore(_require_engine(self, self.model))
+        self.restored = False
+
+        def restore(engine):
+            self.restored = state.restore(engine)
+
+        _when_built(self, self.model, restore)
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_epochs == 0:
-            state.gather(_require_engine(self, self.model))
+            state.gather(_squeeze(self, self.model).engine)
