@@ -403,3 +403,40 @@ def test_keras_callbacks():
         # The learning rate halves at epoch 1: residuals double, so lr * residual is unchanged.
         np.testing.assert_allclose(result["after_rescale"], 2 * result["residual_at_end"],
                                    rtol=1e-6)
+
+
+def _nan_step():
+    """Rank body: one good step, then a NaN gradient on every rank; report the error and state."""
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    import horovod_squeeze.tensorflow as hstf
+
+    hvd.init()
+    variables = _variables()
+
+    def step(grads):
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([tf.reduce_sum(v * g) for v, g in zip(variables, grads)])
+        tape = hstf.DistributedGradientTape(tape, compression=DS_SIGN, min_compress_numel=0)
+        return tape.gradient(loss, variables), tape.squeeze
+
+    _, squeeze = step(_gradients(hvd.rank(), 0))
+    before = [r.numpy().copy() for r in squeeze.engine.worker_residuals]
+    bad = _gradients(hvd.rank(), 1)
+    bad[2][1, 3] = np.nan
+    try:
+        step(bad)
+        error = None
+    except tf.errors.InvalidArgumentError as e:
+        error = str(e)
+    after = [r.numpy() for r in squeeze.engine.worker_residuals]
+    return {"error": error, "step": int(squeeze.engine.step.numpy()),
+            "unchanged": all(np.array_equal(a, b) for a, b in zip(before, after))}
+
+
+def test_nan_gradient_is_refused_without_touching_state():
+    for result in run_on_ranks(_nan_step, 2, "gloo", timeout=120):
+        assert result["error"] is not None and "gradient has NaN or Inf values" in result["error"]
+        assert "layer2.weight" in result["error"]  # names the bucket's tensors
+        assert result["unchanged"] and result["step"] == 1

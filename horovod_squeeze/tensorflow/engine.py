@@ -157,7 +157,9 @@ class SqueezeEngine(tf.Module):
                 raise ValueError(f"gradient of {name!r} has shape {tuple(grad.shape)}, "
                                  f"its variable {shape}")
             parts.append(tf.reshape(tf.cast(grad, tf.float32), [-1]))
-        return tf.concat(parts, axis=0)
+        # A data dependency, so no residual or step update can run before the check fails.
+        return tf.debugging.check_numerics(
+            tf.concat(parts, axis=0), f"{bucket.describe()}: gradient has NaN or Inf values")
 
     def _collective_name(self, bucket, what: str) -> str:
         return f"{self._config.prefix}.b{bucket.index}.{what}"
