@@ -2,12 +2,24 @@
 TensorFlow optimizer tests, so both frameworks are held to the same oracle."""
 import numpy as np
 
+import horovod_squeeze as hs
 from horovod_squeeze.reference.simulate import init_state, simulate_step
 
 # Parameter shapes of a small model: matrices, a bias below min_compress_numel, odd sizes.
 SHAPES = {"layer1.weight": (37, 11), "layer1.bias": (37,), "layer2.weight": (5, 37),
           "layer3.weight": (64, 33)}
 STEPS = 5
+
+# Algorithm x compressor x exchange combinations both frameworks must match the simulation on.
+CONFIGS = [
+    {"compression": hs.DoubleSqueeze(hs.TopK(0.1))},
+    {"compression": hs.DoubleSqueeze(hs.ScaledSign(block_size=64)), "exchange": "allgather"},
+    {"compression": hs.ErrorFeedback(hs.ScaledSign())},
+    {"compression": hs.ErrorFeedback(hs.TopK(0.05)), "exchange": "allgather"},
+    {"compression": hs.NoFeedback(hs.ScaledSign(scale="rms"))},
+    {"compression": hs.DoubleSqueeze(hs.ToContractive(hs.QSGD(4)))},
+    {"compression": hs.DoubleSqueeze(hs.RandK(0.2, seed=2)), "exchange": "allreduce"},
+]
 
 
 def gradient(name, rank, step):

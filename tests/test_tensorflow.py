@@ -7,7 +7,9 @@ import horovod_squeeze as hs
 from horovod_squeeze.exchange import PassBytes, fp32_allreduce_bytes, pass_bytes
 from horovod_squeeze.reference.simulate import init_state, simulate_step
 from horovod_squeeze.testing import run_on_ranks
-from simulation_cases import SHAPES, STEPS, assert_close, check_against_simulation, gradient
+from simulation_cases import (
+    CONFIGS, SHAPES, STEPS, assert_close, check_against_simulation, gradient,
+)
 
 DS_SIGN = hs.DoubleSqueeze(hs.ScaledSign())
 MODES = ["eager", "function", "fit"]
@@ -42,7 +44,6 @@ def _run_steps(configs, mode):
     import tensorflow as tf
 
     import horovod_squeeze.tensorflow as hstf
-    import horovod_squeeze.tensorflow.keras as hsk
 
     hvd.init()
     results = []
@@ -168,14 +169,6 @@ def test_double_squeeze_matches_simulation(num_proc, mode):
     assert per_rank[0]["num_engines"] == 1 and per_rank[0]["wrappers_alike"]
 
 
-CONFIGS = [
-    {"compression": hs.DoubleSqueeze(hs.TopK(0.1))},
-    {"compression": hs.DoubleSqueeze(hs.ScaledSign(block_size=64)), "exchange": "allgather"},
-    {"compression": hs.ErrorFeedback(hs.TopK(0.05)), "exchange": "allgather"},
-    {"compression": hs.NoFeedback(hs.ScaledSign(scale="rms"))},
-    {"compression": hs.DoubleSqueeze(hs.ToContractive(hs.QSGD(4)))},
-    {"compression": hs.DoubleSqueeze(hs.RandK(0.2, seed=2)), "exchange": "allreduce"},
-]
 
 
 @pytest.mark.parametrize("num_proc", [2, 4])

@@ -8,7 +8,9 @@ import horovod_squeeze as hs
 from horovod_squeeze.exchange import fp32_allreduce_bytes, pass_bytes
 from horovod_squeeze.reference.simulate import init_state, simulate_step
 from horovod_squeeze.testing import run_on_ranks
-from simulation_cases import SHAPES, STEPS, assert_close, check_against_simulation, gradient
+from simulation_cases import (
+    CONFIGS, SHAPES, STEPS, assert_close, check_against_simulation, gradient,
+)
 
 def _make_model():
     import torch
@@ -70,15 +72,6 @@ def test_double_squeeze_matches_simulation(controller, num_proc):
     check_against_simulation(config, per_rank, num_proc)
 
 
-CONFIGS = [
-    {"compression": hs.DoubleSqueeze(hs.TopK(0.1))},
-    {"compression": hs.DoubleSqueeze(hs.ScaledSign(block_size=64)), "exchange": "allgather"},
-    {"compression": hs.ErrorFeedback(hs.ScaledSign())},
-    {"compression": hs.ErrorFeedback(hs.TopK(0.05)), "exchange": "allgather"},
-    {"compression": hs.NoFeedback(hs.ScaledSign(scale="rms"))},
-    {"compression": hs.DoubleSqueeze(hs.ToContractive(hs.QSGD(4)))},
-    {"compression": hs.DoubleSqueeze(hs.RandK(0.2, seed=2)), "exchange": "allreduce"},
-]
 
 
 @pytest.mark.parametrize("num_proc", [2, 4])

@@ -1,30 +1,22 @@
-"""The Horovod collectives the exchanges use, behind one small object so they can be replaced.
+"""The Horovod collectives the TensorFlow engine uses, behind one small object.
 
-Everything crosses ranks through Horovod: nothing here opens a connection of its own. TensorFlow's
-Horovod ops are asynchronous inside the runtime already, so these return results, with the static
+TensorFlow's Horovod ops are asynchronous inside the runtime already, so these return results, with the static
 shape that graph mode loses (``numel`` entries).
 """
 from __future__ import annotations
 
 import tensorflow as tf
 
+from horovod_squeeze._collectives import ProcessSetCollectives
 
-class HorovodCollectives:
+
+class HorovodCollectives(ProcessSetCollectives):
     """Horovod collectives on one process set, named so that every rank matches them."""
 
     def __init__(self, process_set=None):
         import horovod.tensorflow as hvd
 
-        self._hvd = hvd
-        self.process_set = process_set if process_set is not None else hvd.global_process_set
-
-    @property
-    def rank(self) -> int:
-        return self.process_set.rank()
-
-    @property
-    def size(self) -> int:
-        return self.process_set.size()
+        super().__init__(hvd, process_set)
 
     def alltoall(self, tensor: tf.Tensor, name: str) -> tf.Tensor:
         """Equal split along dim 0: piece j goes to rank j; returns rank-ordered received pieces."""

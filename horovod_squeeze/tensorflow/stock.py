@@ -15,21 +15,15 @@ quantizers) needs :func:`horovod_squeeze.tensorflow.DistributedGradientTape`.
 """
 from __future__ import annotations
 
-import zlib
-
 import tensorflow as tf
 
-from horovod_squeeze.algorithms import (
-    SERVER, WORKER, Algorithm, server_stage, stage_nonce, worker_stage,
+from horovod_squeeze.algorithms import Algorithm
+from horovod_squeeze.stock import (
+    check_algorithm, stock_server_stage, stock_worker_stage, stream_id,
 )
 from horovod_squeeze.tensorflow import codecs
 
 __all__ = ["StockCompression", "stream_id"]
-
-
-def stream_id(name: str) -> int:
-    """The per-tensor stream number of a variable name (the ``bucket`` of its nonces)."""
-    return zlib.crc32(name.encode())
 
 
 class StockCompression:
@@ -43,15 +37,7 @@ class StockCompression:
     """
 
     def __init__(self, algorithm: Algorithm, variables):
-        if not isinstance(algorithm, Algorithm):
-            raise TypeError(f"algorithm must be e.g. horovod_squeeze.ErrorFeedback(hs.FP16()), "
-                            f"got {algorithm!r}")
-        if not algorithm.compressor.linear:
-            raise ValueError(
-                f"{algorithm.compressor!r} cannot go through Horovod's compression= hook: the "
-                "allreduce sums what the hook returns, which is only correct for linear "
-                "compressors (Identity, FP16, RandK). Use horovod_squeeze.tensorflow."
-                "DistributedGradientTape, whose sharded exchange sends any compressor's payloads.")
+        check_algorithm(algorithm, "horovod_squeeze.tensorflow.DistributedGradientTape")
         self.algorithm = algorithm
         self.variables = list(variables)
         if not self.variables:
@@ -78,8 +64,8 @@ class StockCompression:
         name = self.variables[i].name
         flat = tf.reshape(tf.cast(tensor, tf.float32), [-1])
         step = tf.identity(self.steps[i])
-        out = worker_stage(codecs, self.algorithm, flat, self.worker_residuals[i],
-                           nonce=stage_nonce(step, stream_id(name), 0, WORKER), name=name)
+        out = stock_worker_stage(codecs, self.algorithm, flat, self.worker_residuals[i],
+                                 step=step, name=name)
         if out.residual is not None:
             self.worker_residuals[i].assign(out.residual)
         header, values = codecs.split_linear(self.algorithm.compressor, out.payload,
@@ -92,8 +78,8 @@ class StockCompression:
         payload = codecs.join_linear(header, tf.reshape(values, [-1]))
         mean = codecs.decompress(self.algorithm.compressor, payload, shape.num_elements(),
                                  name=name)
-        out = server_stage(codecs, self.algorithm, [mean], self.server_residuals[i],
-                           nonce=stage_nonce(step, stream_id(name), 0, SERVER), name=name)
+        out = stock_server_stage(codecs, self.algorithm, mean, self.server_residuals[i],
+                                 step=step, name=name)
         if out.residual is not None:
             self.server_residuals[i].assign(out.residual)
         self.steps[i].assign_add(1)

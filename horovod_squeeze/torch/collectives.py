@@ -1,28 +1,18 @@
-"""The Horovod collectives the exchanges use, behind one small object so they can be replaced.
-
-Everything crosses ranks through Horovod: nothing here opens a connection of its own.
-"""
+"""The Horovod collectives the PyTorch engine uses, behind one small object so they can be replaced."""
 from __future__ import annotations
 
 import torch
 
+from horovod_squeeze._collectives import ProcessSetCollectives
 
-class HorovodCollectives:
+
+class HorovodCollectives(ProcessSetCollectives):
     """Asynchronous Horovod collectives on one process set, and a ``wait`` that returns results."""
 
     def __init__(self, process_set=None):
         import horovod.torch as hvd
 
-        self._hvd = hvd
-        self.process_set = process_set if process_set is not None else hvd.global_process_set
-
-    @property
-    def rank(self) -> int:
-        return self.process_set.rank()
-
-    @property
-    def size(self) -> int:
-        return self.process_set.size()
+        super().__init__(hvd, process_set)
 
     def alltoall(self, tensor: torch.Tensor, name: str):
         """Equal split along dim 0: piece j goes to rank j; returns rank-ordered received pieces."""

@@ -14,21 +14,16 @@ Everything else (sign, top-k, quantizers) needs :func:`horovod_squeeze.torch.Dis
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 
-from horovod_squeeze.algorithms import (
-    SERVER, WORKER, Algorithm, server_stage, stage_nonce, worker_stage,
+from horovod_squeeze.algorithms import Algorithm
+from horovod_squeeze.stock import (
+    check_algorithm, stock_server_stage, stock_worker_stage, stream_id,
 )
 from horovod_squeeze.torch import codecs
 
 __all__ = ["StockCompression", "stream_id"]
-
-
-def stream_id(name: str) -> int:
-    """The per-tensor stream number of a parameter name (the ``bucket`` of its nonces)."""
-    return zlib.crc32(name.encode())
 
 
 class StockCompression:
@@ -42,15 +37,7 @@ class StockCompression:
     """
 
     def __init__(self, algorithm: Algorithm, named_parameters):
-        if not isinstance(algorithm, Algorithm):
-            raise TypeError(f"algorithm must be e.g. horovod_squeeze.ErrorFeedback(hs.FP16()), "
-                            f"got {algorithm!r}")
-        if not algorithm.compressor.linear:
-            raise ValueError(
-                f"{algorithm.compressor!r} cannot go through Horovod's compression= hook: the "
-                "allreduce sums what the hook returns, which is only correct for linear "
-                "compressors (Identity, FP16, RandK). Use horovod_squeeze.torch."
-                "DistributedOptimizer, whose sharded exchange sends any compressor's payloads.")
+        check_algorithm(algorithm, "horovod_squeeze.torch.DistributedOptimizer")
         self.algorithm = algorithm
         self._parameters = list(named_parameters)
         self._name_of_grad: dict[int, tuple[str, torch.nn.Parameter]] = {}
@@ -76,8 +63,7 @@ class StockCompression:
         step = self.steps.get(name, 0)
         flat = tensor.detach().reshape(-1).to(torch.float32)
         residual = self.worker_residuals.setdefault(name, torch.zeros_like(flat))
-        out = worker_stage(codecs, self.algorithm, flat, residual,
-                           nonce=stage_nonce(step, stream_id(name), 0, WORKER), name=name)
+        out = stock_worker_stage(codecs, self.algorithm, flat, residual, step=step, name=name)
         if out.residual is not None:
             residual.copy_(out.residual)
         header, values = codecs.split_linear(self.algorithm.compressor, out.payload, flat.numel())
@@ -88,8 +74,7 @@ class StockCompression:
         payload = codecs.join_linear(header, values)
         mean = codecs.decompress(self.algorithm.compressor, payload, math.prod(shape), name=name)
         residual = self.server_residuals.setdefault(name, torch.zeros_like(mean))
-        out = server_stage(codecs, self.algorithm, [mean], residual,
-                           nonce=stage_nonce(step, stream_id(name), 0, SERVER), name=name)
+        out = stock_server_stage(codecs, self.algorithm, mean, residual, step=step, name=name)
         if out.residual is not None:
             residual.copy_(out.residual)
         self.steps[name] = step + 1
