@@ -39,10 +39,11 @@ fi
 step "virtual environment at $VENV"
 [ -x "$PY" ] || python3 -m venv "$VENV"
 
-step "Python packages: torch $TORCH_VERSION (CPU), tensorflow-cpu $TF_SERIES, tf_keras, numpy, mpi4py, pytest"
+step "Python packages: torch $TORCH_VERSION (CPU), tensorflow-cpu $TF_SERIES, tf_keras, tensorboard, numpy, mpi4py, pytest"
 if ! "$PY" - <<PYEOF 2>/dev/null
 import importlib.metadata as md, sys
 want = {"torch": "$TORCH_VERSION", "tensorflow-cpu": "$TF_SERIES.", "tf_keras": "$TF_SERIES.",
+        "tensorboard": "$TF_SERIES.",
         "numpy": "", "mpi4py": "", "pytest": "", "scikit-learn": "", "tqdm": "", "matplotlib": ""}
 for name, prefix in want.items():
     if not md.version(name).startswith(prefix):
@@ -51,7 +52,7 @@ PYEOF
 then
   # torch==X takes the local CPU wheel; a looser pin would pull the CUDA build.
   pip_check "torch==$TORCH_VERSION" numpy mpi4py pytest scikit-learn tqdm matplotlib \
-    "tensorflow-cpu==$TF_SERIES.*" "tf_keras==$TF_SERIES.*" cloudpickle psutil pyyaml packaging
+    "tensorflow-cpu==$TF_SERIES.*" "tf_keras==$TF_SERIES.*" "tensorboard==$TF_SERIES.*" cloudpickle psutil pyyaml packaging
 fi
 
 TF_VERSION="$("$PY" -c 'import importlib.metadata as m; print(m.version("tensorflow-cpu"))')"

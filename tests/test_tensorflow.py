@@ -87,8 +87,9 @@ def _run_steps(configs, mode):
     return results
 
 
-def _keras_known_gradients(variables, config):
+def _keras_known_gradients(variables, config, horovod_optimizer=False):
     """A tf_keras model whose loss on input G is sum(v * G): the gradients are the inputs."""
+    import horovod.tensorflow.keras as hvd_keras
     import tensorflow as tf
 
     import horovod_squeeze.tensorflow.keras as hsk
@@ -107,7 +108,8 @@ def _keras_known_gradients(variables, config):
             return tf.reshape(total, [1, 1])
 
     model = tf.keras.Sequential([KnownGradients()])
-    optimizer = hsk.DistributedOptimizer(tf.keras.optimizers.SGD(1.0), **config)
+    wrap = hvd_keras.DistributedOptimizer if horovod_optimizer else hsk.DistributedOptimizer
+    optimizer = wrap(tf.keras.optimizers.SGD(1.0), **config)
     model.compile(optimizer=optimizer, loss=lambda y, p: tf.reduce_sum(p))
     return model, optimizer
 
@@ -224,13 +226,51 @@ def _stock_steps(algorithm):
             for step in range(STEPS)]
 
 
+def _stock_keras_steps(algorithm):
+    """Rank body: Horovod's own Keras optimizer with StockCompression under fit; weights per step."""
+    import horovod.tensorflow as hvd
+
+    import horovod_squeeze.tensorflow as hstf
+
+    hvd.init()
+    variables = _variables()
+    model, _ = _keras_known_gradients(
+        variables, {"compression": hstf.StockCompression(algorithm, variables)},
+        horovod_optimizer=True)
+    x = np.stack([np.concatenate([g.reshape(-1) for g in _gradients(hvd.rank(), step)])
+                  for step in range(STEPS)])
+    weights = []
+
+    class Record(tf_callback()):
+        def on_train_batch_end(self, batch, logs=None):
+            weights.append({n: v.numpy().copy() for n, v in zip(SHAPES, variables)})
+
+    model.fit(x, np.zeros(STEPS), batch_size=1, epochs=1, shuffle=False, verbose=0,
+              callbacks=[Record()])
+    # SGD with learning rate 1 from zeros: each step's applied gradient is the weights' change.
+    previous = {n: np.zeros(s, np.float32) for n, s in SHAPES.items()}
+    applied = []
+    for current in weights:
+        applied.append({n: previous[n] - current[n] for n in SHAPES})
+        previous = current
+    return applied
+
+
+def tf_callback():
+    import tensorflow as tf
+
+    return tf.keras.callbacks.Callback
+
+
+@pytest.mark.parametrize("keras", [False, True], ids=["tape", "keras"])
 @pytest.mark.parametrize("algorithm", [hs.ErrorFeedback(hs.RandK(0.2, seed=4)),
                                        hs.DoubleSqueeze(hs.RandK(0.3, unbiased=True))], ids=repr)
-def test_stock_horovod_path_matches_simulation(algorithm):
+def test_stock_horovod_path_matches_simulation(algorithm, keras):
     from horovod_squeeze.tensorflow.stock import stream_id
 
     num_proc = 2
-    results = run_on_ranks(_stock_steps, num_proc, "gloo", args=(algorithm,), timeout=120)
+    body = _stock_keras_steps if keras else _stock_steps
+    results = run_on_ranks(body, num_proc, "gloo", args=(algorithm,), timeout=120)
     states = {n: init_state(int(np.prod(s)), num_proc, "allreduce") for n, s in SHAPES.items()}
     for step in range(STEPS):
         for name in SHAPES:
@@ -238,8 +278,11 @@ def test_stock_horovod_path_matches_simulation(algorithm):
             want, states[name] = simulate_step(algorithm, "allreduce", grads, states[name],
                                                step=step, bucket=stream_id(f"{name}:0"))
             for rank in range(num_proc):
-                assert_close(results[rank][step][name].reshape(-1), want,
-                             f"rank {rank} step {step} {name}")
+                got = results[rank][step][name].reshape(-1)
+                if keras:  # recovered from float32 weights: w_before - w_after
+                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+                else:
+                    assert_close(got, want, f"rank {rank} step {step} {name}")
 
 
 @pytest.mark.parametrize("spec", [hs.ScaledSign(), hs.TopK(0.05), hs.QSGD(4, seed=3),
@@ -340,7 +383,7 @@ def test_keras_checkpoint_resumes_identically(tmp_path):
                 == list(uninterrupted[rank]["residual_norms"].values()))
 
 
-def _callbacks_body():
+def _callbacks_body(log_dir):
     """Rank body: warm-up, metric averaging, statistics and learning-rate rescaling under fit."""
     import horovod.tensorflow as hvd
     import tensorflow as tf
@@ -373,14 +416,20 @@ def _callbacks_body():
         callbacks=[recorder, hsk.callbacks.WarmupCallback(warmup_steps=1),
                    tf.keras.callbacks.LearningRateScheduler(lambda epoch, lr: 1.0 / (1 + epoch)),
                    hsk.callbacks.ResidualRescaleCallback(), probe,
-                   hsk.callbacks.MetricAverageCallback(), hsk.callbacks.CompressionStatsCallback()])
+                   hsk.callbacks.MetricAverageCallback(), hsk.callbacks.CompressionStatsCallback(log_dir)])
     return {"steps": recorder.steps, "history": history.history,
             "residual_at_end": probe.residual_at_end, "after_rescale": probe.after_rescale}
 
 
-def test_keras_callbacks():
+def test_keras_callbacks(tmp_path):
+    import tensorflow as tf
+
     num_proc = 2
-    results = run_on_ranks(_callbacks_body, num_proc, "gloo", timeout=180)
+    results = run_on_ranks(_callbacks_body, num_proc, "gloo", args=(str(tmp_path),), timeout=180)
+    tags = {value.tag for path in tmp_path.glob("events.out.tfevents.*")
+            for event in tf.compat.v1.train.summary_iterator(str(path))
+            for value in event.summary.value}
+    assert {"squeeze_bytes", "squeeze_ratio", "squeeze_worker_residual_norm"} <= tags
     for rank, result in enumerate(results):
         history = result["history"]
         assert history["rank_metric"] == [0.5, 0.5]  # averaged over ranks

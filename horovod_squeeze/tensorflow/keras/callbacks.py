@@ -118,6 +118,11 @@ class CompressionStatsCallback(Callback):
     def on_train_begin(self, logs=None):
         _squeeze(self, self.model)
         if self.log_dir and hvd.rank() == 0:
+            try:
+                import tensorboard  # noqa: F401  (tf.summary writes nothing without it)
+            except ImportError as error:
+                raise ImportError("CompressionStatsCallback(log_dir=...) writes TensorBoard "
+                                  "summaries: pip install tensorboard") from error
             self._writer = tf.summary.create_file_writer(self.log_dir)
 
     def _stats(self, logs):
