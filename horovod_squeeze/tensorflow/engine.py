@@ -1,7 +1,7 @@
 """The compressed gradient exchange for TensorFlow: one call per step, eager or in ``tf.function``.
 
-TensorFlow hands Horovod every gradient of a step at once, so :meth:`SqueezeEngine.exchange` runs
-all buckets' passes in one call; Horovod's ops overlap them in its background thread. The layout
+TensorFlow hands Horovod every gradient of a step at once, so one call of the engine,
+``engine(grads)``, runs every bucket's passes; Horovod's ops overlap them in its background thread. The layout
 is :mod:`horovod_squeeze.buckets`, each rank's computation between collectives is
 :mod:`horovod_squeeze.passes`, as in the PyTorch engine.
 
@@ -96,7 +96,7 @@ class SqueezeEngine(tf.Module):
     # --- configuration and state, read-only views ---------------------------------------------------
 
     algorithm = property(lambda self: self._config.algorithm)
-    exchange_mode = property(lambda self: self._config.exchange)
+    exchange = property(lambda self: self._config.exchange)
     buckets = property(lambda self: self._config.buckets)
     comm = property(lambda self: self._config.comm)
     names = property(lambda self: list(self._config.names))
@@ -108,7 +108,7 @@ class SqueezeEngine(tf.Module):
     # --- the exchange -----------------------------------------------------------------------------
 
     @tf.autograph.experimental.do_not_convert  # plain Python control flow: it runs at trace time
-    def exchange(self, grads: list) -> list:
+    def __call__(self, grads: list) -> list:
         """Averaged gradients, in the order of ``names``; ``None`` stays ``None`` (and sends zeros,
         because other ranks may have a gradient there)."""
         cfg = self._config

@@ -59,7 +59,7 @@ class SqueezeGradients:
                 engine = SqueezeEngine(self.algorithm, _named_shapes(variables),
                                        collectives=self.collectives, **self.options)
             self.engines[key] = engine
-            self._compiled[key] = tf.function(engine.exchange, autograph=False)
+            self._compiled[key] = tf.function(engine.__call__, autograph=False)
             with tf.init_scope():
                 if self.on_build is not None:
                     self.on_build(engine)
@@ -85,7 +85,7 @@ class SqueezeGradients:
         engine = self.build(variables)
         grads = [g if g is None or self.prescale == 1.0 else g * self.prescale for g in grads]
         exchange = (self._compiled[tuple(v.ref() for v in variables)] if tf.executing_eagerly()
-                    else engine.exchange)  # eagerly, as Horovod does: run the exchange as a graph
+                    else engine)  # eagerly, as Horovod does: run the exchange as a graph
         averaged = exchange(grads)
         return [a if a is None or self.postscale == 1.0 else a * self.postscale for a in averaged]
 
