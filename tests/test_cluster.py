@@ -166,10 +166,75 @@ def test_a_job_counts_horovod_fp32_bytes_on_the_wire(controller):
            "steps_per_round": 1, "warmup_steps": 1, "seed": 0, "lr": 0.01, "momentum": 0.0,
            "batch_size": 32, "collective_timeout_s": 60}
     with namespaces.cluster(2) as made:
-        ranks = launch.run_job(made, job, timeout_s=240, controller=controller)
+        ranks = launch.run_job(made, job, timeout_s=240, controller=controller, cycle_time_ms=10)
     for rank in ranks:
+        assert rank["horovod_cycle_time_ms"] == 10.0  # reached every rank, under either launcher
         measured = [step for step in rank["steps"] if not step["warmup"]]
         assert len(measured) == 1
         step = measured[0]
         assert step["payload_sent"] == 2 * 1 * 4 * 11_689_512 // 2  # ring allreduce, 2 ranks
         assert step["payload_sent"] <= step["wire_sent"] < 1.05 * step["payload_sent"]
+
+
+def test_horovod_cycle_time_is_one_setting_for_every_horovod_job():
+    from benchmarks.cluster import launch, run
+
+    assert launch.horovod_tuning(None) == {}
+    assert launch.horovod_tuning(10.0) == {"HOROVOD_CYCLE_TIME": "10"}
+    assert launch.horovod_tuning(2.5) == {"HOROVOD_CYCLE_TIME": "2.5"}
+    with pytest.raises(ValueError, match="positive"):
+        launch.horovod_tuning(0)
+    assert run.parse_args([]).horovod_cycle_time_ms == run.DEFAULT_CYCLE_TIME_MS == 10.0
+    assert run.parse_args(["--quick"]).horovod_cycle_time_ms == 10.0
+    assert run.parse_args(["--horovod-cycle-time-ms", "1"]).horovod_cycle_time_ms == 1.0
+    with pytest.raises(SystemExit):
+        run.parse_args(["--horovod-cycle-time-ms", "0"])
+
+
+def test_counters_after_wait_drained_include_everything_sent():
+    """On a shaped link a send returns before its bytes leave; after wait_drained they are counted."""
+    nbytes = 2_500_000  # 0.2 s at 100 Mbit/s: most of it is still queued when sendall returns
+    with namespaces.cluster(2) as made:
+        shaping.shape_cluster(made, shaping.LinkShape(rate_mbit=100))
+        server = made.require_member(made.hosts[0].address)
+        listener = subprocess.Popen(
+            ["ip", "netns", "exec", made.hosts[0].namespace, sys.executable, "-c",
+             textwrap.dedent(f"""
+                import socket
+                s = socket.create_server(("{server}", 5999)); s.settimeout(20)
+                c, _ = s.accept(); c.settimeout(20)
+                while c.recv(1 << 20): pass""")])
+        try:
+            out = _exec(made.hosts[1].namespace, f"""
+                import socket, time
+                from benchmarks.cluster import counters
+                for _ in range(100):
+                    try:
+                        c = socket.create_connection(("{server}", 5999), timeout=5); break
+                    except ConnectionRefusedError:
+                        time.sleep(0.05)
+                assert counters.wait_drained()
+                before = counters.read_local("eth0").sent
+                c.sendall(b"x" * {nbytes})
+                at_return = counters.read_local("eth0").sent - before
+                drained = counters.wait_drained(timeout_s=10)
+                after = counters.read_local("eth0").sent - before
+                print(at_return, drained, after, counters.unacknowledged_bytes())
+                c.close()""")
+        finally:
+            listener.kill()
+            listener.wait()
+    at_return, drained, after, left = out.split()
+    assert drained == "True" and int(left) == 0
+    assert nbytes <= int(after) < nbytes * 1.08
+    assert int(at_return) <= int(after)
+
+
+def test_digits_workload_loads_the_example():
+    """The convergence workload imports examples/pytorch_digits.py, which imports its sibling."""
+    from benchmarks.cluster import workloads
+
+    workload = workloads.get("digits", 0, num_ranks=4)
+    assert workload.test_set is not None and workload.steps_per_epoch > 0
+    images, labels = workload.batch(0, rank=1)
+    assert images.shape == (32, 1, 8, 8) and labels.shape == (32,)

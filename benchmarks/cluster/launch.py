@@ -23,7 +23,7 @@ from typing import Callable
 
 from benchmarks.cluster.namespaces import Cluster
 
-__all__ = ["CONTROLLERS", "JobFailed", "run_job"]
+__all__ = ["CONTROLLERS", "JobFailed", "horovod_tuning", "run_job"]
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONTROLLERS = ("gloo", "mpi")
@@ -43,11 +43,27 @@ class JobFailed(RuntimeError):
         self.contender = contender
 
 
-def _rank_env(made: Cluster, rank: int, rendezvous_port: int) -> dict[str, str]:
+def horovod_tuning(cycle_time_ms: float | None) -> dict[str, str]:
+    """Horovod's tunables for every rank of a job, the same for every contender.
+
+    ``cycle_time_ms``: ``HOROVOD_CYCLE_TIME``, how long Horovod's background thread sleeps between
+    negotiation rounds (``None``: Horovod's default, 1 ms). Each round sends a small message to
+    the coordinator even when no tensor is pending, so the round rate sets Horovod's idle traffic.
+    """
+    if cycle_time_ms is None:
+        return {}
+    if not cycle_time_ms > 0:
+        raise ValueError(f"cycle_time_ms must be positive, got {cycle_time_ms!r}")
+    return {"HOROVOD_CYCLE_TIME": f"{cycle_time_ms:g}"}
+
+
+def _rank_env(made: Cluster, rank: int, rendezvous_port: int,
+              tuning: dict[str, str] | None = None) -> dict[str, str]:
     host = made.hosts[rank]
     size = len(made.hosts)
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "HOROVOD_CYCLE_TIME"},
+        **(tuning or {}),
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
@@ -101,9 +117,11 @@ def _tail(path: pathlib.Path) -> str:
         return "(no output)"
 
 
-def _mpi_env(made: Cluster, hosts_file: pathlib.Path) -> dict[str, str]:
+def _mpi_env(made: Cluster, hosts_file: pathlib.Path,
+             tuning: dict[str, str] | None = None) -> dict[str, str]:
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "HOROVOD_CYCLE_TIME"},
+        **(tuning or {}),
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
@@ -114,15 +132,17 @@ def _mpi_env(made: Cluster, hosts_file: pathlib.Path) -> dict[str, str]:
     }
 
 
-def _start_mpirun(made: Cluster, job_dir: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
+def _start_mpirun(made: Cluster, job_dir: pathlib.Path, log: pathlib.Path,
+                  tuning: dict[str, str] | None = None) -> subprocess.Popen:
     """``mpirun`` inside host 0, starting the other hosts' ranks through :data:`MPI_AGENT`."""
     hosts_file = job_dir / "mpi_hosts"
     hosts_file.write_text("".join(f"{made.require_member(host.address)} {host.namespace}\n"
                                   for host in made.hosts))
-    env = _mpi_env(made, hosts_file)
+    env = _mpi_env(made, hosts_file, tuning)
     exported = [arg for name in ("PYTHONPATH", "TF_USE_LEGACY_KERAS", "TF_CPP_MIN_LOG_LEVEL",
                                  "OMP_NUM_THREADS", "PYTHONUNBUFFERED", "HOROVOD_CONTROLLER",
-                                 "HOROVOD_CPU_OPERATIONS", "MASTER_ADDR", "MASTER_PORT")
+                                 "HOROVOD_CPU_OPERATIONS", "MASTER_ADDR", "MASTER_PORT",
+                                 *sorted(tuning or {}))
                 for arg in ("-x", name)]
     iface = made.hosts[0].iface
     command = ["ip", "netns", "exec", made.hosts[0].namespace, "mpirun", "--allow-run-as-root",
@@ -143,12 +163,13 @@ def _start_mpirun(made: Cluster, job_dir: pathlib.Path, log: pathlib.Path) -> su
 
 def run_job(made: Cluster, job: dict, timeout_s: float,
             on_progress: Callable[[dict], None] | None = None,
-            controller: str = "gloo") -> list[dict]:
+            controller: str = "gloo", cycle_time_ms: float | None = None) -> list[dict]:
     """Runs ``job`` (see :mod:`benchmarks.cluster.rank`) on every host; returns rank-ordered results.
 
     ``controller`` is Horovod's: ``"gloo"`` (a rendezvous server and one ``ip netns exec`` per
     rank) or ``"mpi"`` (``mpirun`` in host 0, the other ranks started through
     ``mpi_agent.sh`` instead of ssh). ``torch.distributed`` always uses its own TCP store.
+    ``cycle_time_ms`` is Horovod's cycle time for every rank (see :func:`horovod_tuning`).
 
     Raises:
       JobFailed: a rank failed (naming the contender if one raised) or the job ran past
@@ -156,6 +177,7 @@ def run_job(made: Cluster, job: dict, timeout_s: float,
     """
     if controller not in CONTROLLERS:
         raise ValueError(f"controller must be one of {CONTROLLERS}, got {controller!r}")
+    tuning = horovod_tuning(cycle_time_ms)
     deadline = time.monotonic() + timeout_s
     job = {**job, "hosts": [host.address for host in made.hosts], "iface": made.hosts[0].iface}
     size = len(made.hosts)
@@ -166,7 +188,7 @@ def run_job(made: Cluster, job: dict, timeout_s: float,
         try:
             if controller == "mpi":
                 logs = [job_dir / "output-mpirun.log"] * size
-                started.append(_start_mpirun(made, job_dir, logs[0]))
+                started.append(_start_mpirun(made, job_dir, logs[0], tuning))
                 launchers = started[:]
             else:
                 server, port = _start_rendezvous(made, deadline)
@@ -178,7 +200,7 @@ def run_job(made: Cluster, job: dict, timeout_s: float,
                             ["ip", "netns", "exec", host.namespace, sys.executable, "-m",
                              "benchmarks.cluster.rank", str(job_dir)],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=REPO, env=_rank_env(made, rank, port), start_new_session=True))
+                            cwd=REPO, env=_rank_env(made, rank, port, tuning), start_new_session=True))
                 launchers = started[1:]
             return _collect(job_dir, size, launchers, logs, deadline, timeout_s, on_progress)
         finally:

@@ -44,12 +44,31 @@ def _barrier() -> None:
 
 def _timed_step(contender, batch, iface: str) -> dict:
     _barrier()
+    # A collective returns once this rank has what it needs, but what it sent last may still wait
+    # in its socket or its shaper's queue, uncounted: before each reading, wait until the peers
+    # have acknowledged everything, so a step's bytes are counted in that step (on 100 Mbit/s, up
+    # to ~1 MB of a ring allreduce's last chunk was otherwise lost between two steps' readings).
+    waited = time.perf_counter()
+    drained = counters.wait_drained()
     before = counters.read_local(iface)
+    waited = time.perf_counter() - waited
     start = time.perf_counter()
     record = contender.step(batch)
     seconds = time.perf_counter() - start
+    at_return = counters.read_local(iface) - before  # the reading without waiting, for comparison
+    drain_start = time.perf_counter()
+    drained = counters.wait_drained() and drained
     wire = counters.read_local(iface) - before
-    return {"step_s": seconds, "wire_sent": wire.sent, "wire_received": wire.received, **record}
+    waited += time.perf_counter() - drain_start
+    return {"step_s": seconds, "wire_sent": wire.sent, "wire_received": wire.received,
+            "wire_sent_at_return": at_return.sent, "drained": drained, "drain_s": waited,
+            **record}
+
+
+def _cycle_time_ms() -> float | None:
+    """The ``HOROVOD_CYCLE_TIME`` this rank ran under (``None``: Horovod's default, 1 ms)."""
+    value = os.environ.get("HOROVOD_CYCLE_TIME")
+    return float(value) if value else None
 
 
 def _idle_rate(iface: str) -> float:
@@ -106,7 +125,8 @@ def run_speed(job: dict, rank: int, size: int, job_dir: pathlib.Path) -> dict:
                               warmup=contender.steps_done <= job["warmup_steps"])
                 records.append(record)
                 progress.advance(name)
-    return {"idle_wire_bytes_per_s": idle, "numel": workload.numel, "steps": records}
+    return {"idle_wire_bytes_per_s": idle, "numel": workload.numel,
+            "horovod_cycle_time_ms": _cycle_time_ms(), "steps": records}
 
 
 def run_convergence(job: dict, rank: int, size: int, job_dir: pathlib.Path) -> dict:

@@ -254,6 +254,8 @@ def _other_run(results: dict, path: pathlib.Path) -> str:
                  f"Horovod's {config['controller']} controller",
              "", f"From `{_relative(path)}` ({results['date']}), made with:", "", "```bash",
              "sudo " + shell_command(results["command"]), "```", ""]
+    if uses_horovod(config.get("contenders", [])):
+        lines += [f"Horovod-based contenders ran with {cycle_time_text(config)}.", ""]
     if config.get("controller") == "mpi":
         compute = ", ".join(
             f"{rate['contenders']['compute only']['step_s']['median']:.2f} s at {rate['label']}"
@@ -292,6 +294,16 @@ _WORKLOAD_TEXT = {
 
 
 _HEADLINE = "DoubleSqueeze(ScaledSign) sharded"
+#: Horovod's own default ``HOROVOD_CYCLE_TIME`` (runs recorded before the harness set one used it).
+HOROVOD_DEFAULT_CYCLE_TIME_MS = 1.0
+
+
+def cycle_time_text(config: dict) -> str:
+    """The Horovod cycle time a run used, in words (older results files did not record it)."""
+    value = config.get("horovod_cycle_time_ms")
+    if value is None:
+        return f"Horovod's default cycle time ({HOROVOD_DEFAULT_CYCLE_TIME_MS:g} ms)"
+    return f"a Horovod cycle time of {value:g} ms (`HOROVOD_CYCLE_TIME`)"
 
 
 def _headline(results: dict) -> list[str]:
@@ -347,6 +359,12 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         f"{config['delay_ms']:g} ms here). Ranks rendezvous over the hosts' addresses: Horovod "
         f"({config.get('controller', 'gloo')} controller) through its own rendezvous, PyTorch "
         "through its TCP store on host 0.",
+        f"- **Horovod settings**: every Horovod-based contender (fp32, fp16 and this project's) "
+        f"ran with {cycle_time_text(config)}, the pause between the negotiation rounds of "
+        "Horovod's background thread (`--horovod-cycle-time-ms`; Horovod's own default is "
+        f"{HOROVOD_DEFAULT_CYCLE_TIME_MS:g} ms). Every round sends a small message to the "
+        "coordinator even when no tensor is pending, so the cycle time sets how much Horovod "
+        "sends between and during exchanges; DDP contenders do not run Horovod.",
         f"- **Workload**: `{config['workload']}` ({_WORKLOAD_TEXT.get(config['workload'], '')}), "
         "with a deliberately tiny computation (`grad = a*d + b*p`, two element-wise operations "
         "per entry) so the exchange dominates the step. Plain SGD, same seed and inputs for every "
@@ -358,7 +376,9 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         "bracketed by readings of the host's interface counters (`/sys/class/net/eth0/statistics`).",
         "- **Step time** is the slowest rank's; **exchange time** is the median step time minus "
         "the median compute-only step time on the same link; **wire bytes** are what the "
-        "interface sent per rank per step (headers and every protocol included); **payload** is "
+        "interface sent per rank per step (headers and every protocol included), read once the "
+        "peers have acknowledged everything the rank sent (what a collective sent last can "
+        "still wait in the shaper's queue when it returns); **payload** is "
         "what the collectives carry (this project's telemetry, or the ring-allreduce formula for "
         "Horovod and DDP, PowerSGD's P and Q included); **overhead** is wire / payload - 1.",
         "- Ratios (`bytes vs fp32`, speedups) are against Horovod fp32 **in the same run**, "
@@ -375,12 +395,16 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
     if results["summary"]:
         idle = results["summary"][0]["horovod_idle_bytes_per_s"]
         if idle:
-            lines += [f"Horovod's background thread negotiates every cycle even when idle: "
-                      f"{idle / 1e3:.0f} kB/s per rank measured between steps. It is part of the "
-                      "wire bytes of Horovod fp32/fp16 and of this project's contenders (which run "
-                      "on Horovod), not of DDP's (separate jobs, no Horovod). It grows with the "
-                      "time a step spends away from the network (compression on starved cores), "
-                      "which is why a compressed contender's wire ratio to fp32 can fall below its "
+            cycle = config.get("horovod_cycle_time_ms") or HOROVOD_DEFAULT_CYCLE_TIME_MS
+            lines += [f"Horovod's background thread negotiates every cycle ({cycle:g} ms here) "
+                      f"even when idle: {idle / 1e3:.0f} kB/s per rank measured between steps "
+                      "(the rate falls in proportion to the cycle time: 0.2 to 0.7 MB/s per rank "
+                      "with Horovod's default 1 ms on this cluster, where a slow compressed step "
+                      "could carry several hundred kB of it). It is part of the wire bytes "
+                      "of Horovod fp32/fp16 and of this project's contenders (which run on "
+                      "Horovod), not of DDP's (separate jobs, no Horovod). It grows with the time "
+                      "a step spends away from the network (compression on starved cores), which "
+                      "is why a compressed contender's wire ratio to fp32 can fall below its "
                       "payload ratio.", ""]
     lines += _headline(results)
     for plot in plots:
@@ -424,6 +448,7 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         "sudo scripts/cluster_benchmark.sh --quick          # 2 ranks, under 5 minutes, no docs",
         "sudo scripts/cluster_benchmark.sh --rates 100mbit --delay-ms 5 --workload mlp25m",
         "sudo scripts/cluster_benchmark.sh --contenders 'Horovod fp32,DoubleSqueeze(ScaledSign) sharded'",
+        "sudo scripts/cluster_benchmark.sh --horovod-cycle-time-ms 1   # Horovod's own default",
         "```",
         "",
         "Needs root (network namespaces, veth pairs, `tc`). Only addresses of namespaces the "

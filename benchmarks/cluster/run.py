@@ -33,6 +33,8 @@ CONVERGENCE = ["Horovod fp32", "Horovod fp16", "DDP PowerSGD r1", "DDP PowerSGD 
                "DoubleSqueeze(ScaledSign) sharded", "DoubleSqueeze(TopK(0.01)) sharded",
                "DoubleSqueeze(QSGD(4)) sharded"]
 QUICK_CONVERGENCE = ["Horovod fp32", "DDP PowerSGD r4", "DoubleSqueeze(ScaledSign) sharded"]
+#: Horovod's cycle time for the Horovod-based jobs (see ``--horovod-cycle-time-ms``).
+DEFAULT_CYCLE_TIME_MS = 10.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated link rates")
     parser.add_argument("--controller", choices=launch.CONTROLLERS, default="gloo",
                         help="Horovod's controller for the Horovod-based jobs")
+    parser.add_argument("--horovod-cycle-time-ms", type=float, default=DEFAULT_CYCLE_TIME_MS,
+                        help="HOROVOD_CYCLE_TIME for every Horovod-based contender (fp32, fp16 and "
+                             "this project's): the pause between Horovod's negotiation rounds, each "
+                             "of which sends bytes even when idle (Horovod's own default: 1 ms)")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way latency per link")
     parser.add_argument("--workload", default="resnet18",
                         choices=["resnet18", "mlp25m", "bert-base", "digits"])
@@ -60,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
                         help="rewrite docs/benchmarks.md and plots (default: only without --quick)")
     args = parser.parse_args(argv)
+    if not args.horovod_cycle_time_ms > 0:
+        parser.error("--horovod-cycle-time-ms must be positive")
     if args.quick:
         args.ranks, args.rates, args.repeats, args.rounds, args.steps = 2, "1gbit,100mbit", 1, 1, 2
         args.epochs = min(args.epochs, 1)
@@ -108,7 +116,8 @@ class Runner:
 
                 try:
                     return launch.run_job(self.made, {**job, "contenders": names},
-                                          self.args.job_timeout, progress, self.args.controller)
+                                          self.args.job_timeout, progress, self.args.controller,
+                                          self.args.horovod_cycle_time_ms)
                 except launch.JobFailed as failure:
                     self.failures.append({"job": label, "contender": failure.contender,
                                           "error": str(failure)[-6000:]})
@@ -174,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "config": {"ranks": args.ranks, "workload": args.workload, "controller": args.controller, "repeats": args.repeats,
+        "config": {"ranks": args.ranks, "workload": args.workload, "controller": args.controller,
+                   "horovod_cycle_time_ms": args.horovod_cycle_time_ms, "repeats": args.repeats,
                    "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                    "seed": args.seed, "delay_ms": args.delay_ms, "contenders": args.contenders},
         "rates": rates,

@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import math
 import pathlib
+import sys
 from typing import Callable
 
 import torch
@@ -126,9 +127,18 @@ def _gradient_set(name: str, description: str, shapes: Shapes, seed: int) -> Wor
 
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("pytorch_digits_example", _EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # The example imports its sibling ``common``, as it does when run as a script from its folder.
+    folder = str(_EXAMPLE.parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location("pytorch_digits_example", _EXAMPLE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if added:
+            sys.path.remove(folder)
     return module
 
 
