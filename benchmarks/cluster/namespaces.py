@@ -182,12 +182,15 @@ def remove_stale() -> list[str]:
 
 
 def terminate_on_signals() -> None:
-    """Turns SIGTERM and SIGHUP into ``SystemExit`` so ``finally`` blocks remove the namespaces."""
+    """Turns SIGTERM and SIGHUP into ``SystemExit``, and Ctrl-C into ``KeyboardInterrupt`` even
+    where it was inherited as ignored (a job started in the background), so ``finally`` blocks
+    remove the namespaces."""
     def stop(signum, _frame):
         raise SystemExit(128 + signum)
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager
