@@ -398,9 +398,9 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
             cycle = config.get("horovod_cycle_time_ms") or HOROVOD_DEFAULT_CYCLE_TIME_MS
             lines += [f"Horovod's background thread negotiates every cycle ({cycle:g} ms here) "
                       f"even when idle: {idle / 1e3:.0f} kB/s per rank measured between steps "
-                      "(the rate falls in proportion to the cycle time: 0.2 to 0.7 MB/s per rank "
-                      "with Horovod's default 1 ms on this cluster, where a slow compressed step "
-                      "could carry several hundred kB of it). It is part of the wire bytes "
+                      "(the rate falls in proportion to the cycle time: the previous published run, "
+                      "with Horovod's default 1 ms, measured 0.23 to 0.72 MB/s per rank, and a slow "
+                      "compressed step carried up to about 0.35 MB of it). It is part of the wire bytes "
                       "of Horovod fp32/fp16 and of this project's contenders (which run on "
                       "Horovod), not of DDP's (separate jobs, no Horovod). It grows with the time "
                       "a step spends away from the network (compression on starved cores), which "
@@ -426,7 +426,11 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         lines += ["## Accuracy vs bits (the example model)", "",
                   f"The example's CNN on scikit-learn digits, {conv['ranks']} ranks, "
                   f"{conv['epochs']} epochs, batch 32 per rank, SGD lr 0.05 x ranks, momentum 0.9, "
-                  "on the fastest link of the run (bytes do not depend on the link).", "",
+                  "on the fastest link of the run (bytes do not depend on the link). A step of "
+                  "this model takes milliseconds, so its wire bytes include a visible share of "
+                  "what Horovod's background thread sends while the harness waits for the last "
+                  "acknowledgements after each step (Horovod-based contenders only; the payload "
+                  "column is the collectives alone).", "",
                   "| contender | test accuracy | wire bytes/rank/step | payload bytes/rank/step |",
                   "| --- | --- | --- | --- |"]
         lines += [f"| {n} | {100 * e['accuracy']:.2f}% | {e['wire_sent_per_step']:.0f} "
