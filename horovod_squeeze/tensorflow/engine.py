@@ -20,10 +20,8 @@ import tensorflow as tf
 from horovod_squeeze import passes
 from horovod_squeeze.algorithms import Algorithm
 from horovod_squeeze.buckets import UNCOMPRESSED, make_buckets
-from horovod_squeeze.exchange import (
-    PassBytes, check_configuration, fp32_allreduce_bytes, pass_bytes,
-)
-from horovod_squeeze.telemetry import StepStats
+from horovod_squeeze.exchange import PassBytes, check_configuration, fp32_allreduce_bytes
+from horovod_squeeze.telemetry import StepStats, bucket_bytes, residual_norms
 from horovod_squeeze.tensorflow import codecs
 from horovod_squeeze.tensorflow.collectives import HorovodCollectives
 
@@ -205,8 +203,7 @@ class SqueezeEngine(tf.Module):
         compressed, plain = self.stats_of(True), self.stats_of(False)
 
         def report():
-            line = tf.where(self._local.last_compressed, compressed.summary().split(": ", 1)[1],
-                            plain.summary().split(": ", 1)[1])
+            line = tf.where(self._local.last_compressed, compressed.details(), plain.details())
             tf.print("horovod_squeeze: step", step, line)
             return tf.constant(True)
 
@@ -222,11 +219,7 @@ class SqueezeEngine(tf.Module):
         """Bytes this rank sends in a compressed (or warm-up) step: a function of the layout."""
         size, total = self.comm.size, PassBytes(0, 0, 0, 0)
         for bucket in self.buckets:
-            if compressed and bucket.compressed:
-                total += pass_bytes(self.algorithm.compressor, bucket.exchange, bucket.numel, size)
-            else:
-                sent = fp32_allreduce_bytes(bucket.numel, size)
-                total += PassBytes(sent, sent, 0, 0)
+            total += bucket_bytes(self.algorithm.compressor, bucket, size, compressed)
         numel = sum(b.numel for b in self.buckets)
         return StepStats(step, total, fp32_allreduce_bytes(numel, size))
 
@@ -242,18 +235,10 @@ class SqueezeEngine(tf.Module):
     def residual_norms(self) -> dict[str, tuple[float, float]]:
         """Per variable name: (this rank's worker residual norm, norm of the server residual it
         owns)."""
-        norms, rank = {}, self.comm.rank
-        for bucket in self.buckets:
-            worker = self._local.worker[bucket.index].numpy()
-            server = self._local.server[bucket.index].numpy()
-            if bucket.exchange == "sharded" and server.size:
-                full = np.zeros(server.size * self.comm.size, np.float32)
-                full[rank * server.size:(rank + 1) * server.size] = server
-                server = full
-            for name, _, start, stop in bucket.spans():
-                norms[name] = (float(np.linalg.norm(worker[start:stop])),
-                               float(np.linalg.norm(server[start:stop])))
-        return norms
+        return residual_norms(self.buckets,
+                              {b.index: self._local.worker[b.index].numpy() for b in self.buckets},
+                              {b.index: self._local.server[b.index].numpy() for b in self.buckets},
+                              rank=self.comm.rank, num_ranks=self.comm.size)
 
     def scale_residuals(self, factor: float) -> None:
         """Multiplies every residual by ``factor`` (e.g. old / new learning rate)."""

@@ -55,12 +55,11 @@ class SqueezeGradients:
         variables = list(variables)
         key = tuple(v.ref() for v in variables)
         if key not in self.engines:
-            with tf.init_scope():
+            with tf.init_scope():  # variables and callbacks' actions run eagerly, once
                 engine = SqueezeEngine(self.algorithm, _named_shapes(variables),
                                        collectives=self.collectives, **self.options)
-            self.engines[key] = engine
-            self._compiled[key] = tf.function(engine.__call__, autograph=False)
-            with tf.init_scope():
+                self.engines[key] = engine
+                self._compiled[key] = tf.function(engine.__call__, autograph=False)
                 if self.on_build is not None:
                     self.on_build(engine)
                 pending, self._pending = self._pending, []

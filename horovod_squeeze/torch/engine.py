@@ -16,10 +16,8 @@ import torch
 from horovod_squeeze import passes
 from horovod_squeeze.algorithms import Algorithm
 from horovod_squeeze.buckets import UNCOMPRESSED, Bucket, make_buckets
-from horovod_squeeze.exchange import (
-    PassBytes, check_configuration, fp32_allreduce_bytes, pass_bytes,
-)
-from horovod_squeeze.telemetry import StepStats
+from horovod_squeeze.exchange import PassBytes, check_configuration, fp32_allreduce_bytes
+from horovod_squeeze.telemetry import StepStats, bucket_bytes, residual_norms
 from horovod_squeeze.torch import codecs
 
 __all__ = ["SqueezeEngine", "StepStats", "UNCOMPRESSED"]
@@ -106,8 +104,6 @@ class SqueezeEngine:
         bucket.plain = not bucket.compressed or self.step < self.warmup_steps
         if bucket.plain:
             bucket.handle = comm.allreduce_average(flat, name + ".plain")
-            sent = fp32_allreduce_bytes(bucket.numel, comm.size)
-            self._bytes += PassBytes(sent, sent, 0, 0)
         elif bucket.exchange == "sharded":
             out = self._keep(self.worker_residuals[bucket.index], passes.sharded_pass1(
                 codecs, self.algorithm, bucket, flat, self.worker_residuals[bucket.index],
@@ -125,9 +121,8 @@ class SqueezeEngine:
             header, values = codecs.split_linear(self.algorithm.compressor, out.payload,
                                                  bucket.numel)
             bucket.handle = (header, comm.allreduce_average(values, name + ".pass1"))
-        if not bucket.plain:
-            self._bytes += pass_bytes(self.algorithm.compressor, bucket.exchange, bucket.numel,
-                                      comm.size)
+        self._bytes += bucket_bytes(self.algorithm.compressor, bucket, comm.size,
+                                    compressed=not bucket.plain)
         self._timing["compress"] += time.perf_counter() - start
         self._launched.append(bucket)
 
@@ -213,21 +208,7 @@ class SqueezeEngine:
 
     def residual_norms(self) -> dict[str, tuple[float, float]]:
         """Per parameter: (this rank's worker residual norm, norm of the server residual it owns)."""
-        norms = {}
-        for bucket in self.buckets:
-            worker = self.worker_residuals[bucket.index]
-            server = self._server_view(bucket)
-            for name, _, start, stop in bucket.spans():
-                norms[name] = (float(worker[start:stop].norm()) if worker.numel() else 0.0,
-                               float(server[start:stop].norm()) if server.numel() else 0.0)
-        return norms
-
-    def _server_view(self, bucket: _Bucket) -> torch.Tensor:
-        """This rank's server residual placed at its bucket offsets (zeros elsewhere)."""
-        residual = self.server_residuals[bucket.index]
-        if bucket.exchange != "sharded":
-            return residual
-        shard = residual.numel()
-        full = torch.zeros(shard * self.comm.size)
-        full[self.comm.rank * shard:(self.comm.rank + 1) * shard] = residual
-        return full[:bucket.numel]
+        return residual_norms(self.buckets,
+                              {i: r.cpu().numpy() for i, r in self.worker_residuals.items()},
+                              {i: r.cpu().numpy() for i, r in self.server_residuals.items()},
+                              rank=self.comm.rank, num_ranks=self.comm.size)
