@@ -398,9 +398,10 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
             cycle = config.get("horovod_cycle_time_ms") or HOROVOD_DEFAULT_CYCLE_TIME_MS
             lines += [f"Horovod's background thread negotiates every cycle ({cycle:g} ms here) "
                       f"even when idle: {idle / 1e3:.0f} kB/s per rank measured between steps "
-                      "(the rate falls in proportion to the cycle time: the previous published run, "
-                      "with Horovod's default 1 ms, measured 0.23 to 0.72 MB/s per rank, and a slow "
-                      "compressed step carried up to about 0.35 MB of it). It is part of the wire bytes "
+                      "(the rate falls in proportion to the cycle time; the earlier run with "
+                      "Horovod's default 1 ms is kept in "
+                      "`benchmarks/results/cluster_resnet18_4ranks_cycle1ms.json`, its "
+                      "`horovod_idle_bytes_per_s`). It is part of the wire bytes "
                       "of Horovod fp32/fp16 and of this project's contenders (which run on "
                       "Horovod), not of DDP's (separate jobs, no Horovod). It grows with the time "
                       "a step spends away from the network (compression on starved cores), which "
