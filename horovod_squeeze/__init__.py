@@ -5,6 +5,7 @@ The top level holds the framework-neutral vocabulary: compressor specs such as `
 reference (:mod:`horovod_squeeze.reference`) and the framework bindings all accept.
 """
 from horovod_squeeze.algorithms import Algorithm, DoubleSqueeze, ErrorFeedback, NoFeedback
+from horovod_squeeze.exchange import Allgather, Allreduce, Exchange, Sharded
 from horovod_squeeze.compressors import (
     FP16, QSGD, Compressor, Contract, Identity, Natural, RandK, ScaledSign, Ternary,
     ToContractive, TopK,
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback",
+    "Exchange", "Sharded", "Allgather", "Allreduce",
     "Compressor", "Contract", "FP16", "Identity", "Natural", "QSGD", "RandK", "ScaledSign",
     "Ternary", "ToContractive", "TopK",
 ]

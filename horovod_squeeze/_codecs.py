@@ -199,6 +199,20 @@ class Codec:
                              f"a 1-D uint8 tensor of {layout.nbytes} bytes, got {dtype} {shape}")
         return self._decode(spec, self._unpack(layout, payload), numel)
 
+    def split_linear(self, spec: C.Compressor, payload: Tensor, numel: int):
+        """A linear compressor's payload as (header bytes, values that an allreduce averages), the
+        values in their wire dtype (float16 or float32)."""
+        section, start, stop = next(s for s in spec.layout(numel).spans()
+                                    if s[0].name == "values")
+        values = self.xp.from_bytes(self.xp.slice(payload, start, stop), section.kind)
+        return self.xp.slice(payload, 0, start), self.xp.cast(values, section.kind)
+
+    def join_linear(self, spec: C.Compressor, header: Tensor, values: Tensor,
+                    numel: int) -> Tensor:
+        """Inverse of :meth:`split_linear`: the payload with (averaged) values after its header."""
+        kind = spec.layout(numel)["values"].kind
+        return self.xp.concat([header, self.xp.to_bytes(self.xp.reshape(values, (-1,)), kind)])
+
     # --- wire -----------------------------------------------------------------------------------
 
     def _pack(self, layout: Layout, sections: dict[str, Tensor]) -> Tensor:

@@ -1,13 +1,16 @@
-"""What both frameworks' collectives share: the process set they run on, and its rank and size.
+"""What both frameworks' collectives share: the process set they run on, its rank and size, and
+the ``launch``/``wait`` pair the exchange driver (:mod:`horovod_squeeze.driver`) calls.
 
 Everything crosses ranks through Horovod: nothing in horovod_squeeze opens a connection of its own.
 """
 from __future__ import annotations
 
+OPS = ("alltoall", "allgather", "allreduce_average")
+
 
 class ProcessSetCollectives:
     """Collectives on one Horovod process set; ``hvd`` is ``horovod.torch`` or
-    ``horovod.tensorflow``."""
+    ``horovod.tensorflow``. Subclasses define one method per op of :data:`OPS`."""
 
     def __init__(self, hvd, process_set=None):
         self._hvd = hvd
@@ -20,3 +23,13 @@ class ProcessSetCollectives:
     @property
     def size(self) -> int:
         return self.process_set.size()
+
+    def launch(self, op: str, tensor, name: str):
+        """Starts collective ``op`` (one of :data:`OPS`); returns what :meth:`wait` takes."""
+        if op not in OPS:
+            raise ValueError(f"unknown collective {op!r}; expected one of {OPS}")
+        return getattr(self, op)(tensor, name)
+
+    def wait(self, handle):
+        """The result of a launched collective (here the launch returned it already)."""
+        return handle

@@ -2,7 +2,7 @@
 
 Gradients are fused in the order backward produces them (parameters in reverse registration order,
 as DDP does), up to a cap; tensors below ``min_compress_numel`` (biases, norms) share one bucket
-that is averaged uncompressed. The layout is a pure function of the parameter names and shapes, so
+that is averaged uncompressed (:data:`~horovod_squeeze.exchange.PLAIN`). The layout is a pure function of the parameter names and shapes, so
 every rank and every framework builds the same buckets without communicating.
 """
 from __future__ import annotations
@@ -10,12 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from horovod_squeeze.exchange import EXCHANGES, shard_numel
+from horovod_squeeze.exchange import PLAIN, Exchange
 
-__all__ = ["Bucket", "make_buckets", "UNCOMPRESSED"]
-
-#: Exchange of the bucket of small tensors: a plain fp32 allreduce, no residuals.
-UNCOMPRESSED = "uncompressed"
+__all__ = ["Bucket", "make_buckets"]
 
 
 @dataclasses.dataclass
@@ -25,7 +22,7 @@ class Bucket:
     index: int
     names: list[str]
     shapes: list[tuple[int, ...]]
-    exchange: str
+    exchange: Exchange
     numel: int = 0
     offsets: list[int] = dataclasses.field(default_factory=list)
 
@@ -39,23 +36,7 @@ class Bucket:
 
     @property
     def compressed(self) -> bool:
-        return self.exchange != UNCOMPRESSED
-
-    def worker_numel(self, num_ranks: int) -> int:
-        """Length of a worker residual: the bucket, zero-padded to whole shards when sharded."""
-        if not self.compressed:
-            return 0
-        if self.exchange == "sharded":
-            return shard_numel(self.numel, num_ranks) * num_ranks
-        return self.numel
-
-    def server_numel(self, num_ranks: int) -> int:
-        """Length of this rank's server residual: its shard, or the whole bucket when replicated."""
-        if not self.compressed:
-            return 0
-        if self.exchange == "sharded":
-            return shard_numel(self.numel, num_ranks)
-        return self.numel
+        return self.exchange.compressed
 
     def spans(self):
         """(name, shape, start, stop) of every parameter in the flat buffer."""
@@ -67,12 +48,10 @@ class Bucket:
         return f"bucket {self.index} ({', '.join(self.names[:3])}{more})"
 
 
-def make_buckets(named_shapes, exchange: str, *, bucket_cap_mb: float = 25.0,
-                 min_compress_numel: int = 1024, bucket_type=Bucket) -> list[Bucket]:
+def make_buckets(named_shapes, exchange: Exchange, *, bucket_cap_mb: float = 25.0,
+                 min_compress_numel: int = 1024) -> list[Bucket]:
     """Buckets for ``named_shapes`` (registration order): large tensors in reverse, capped; then
     the small ones in one uncompressed bucket."""
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     if not bucket_cap_mb > 0:
         raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb!r}")
     if min_compress_numel < 0:
@@ -87,7 +66,7 @@ def make_buckets(named_shapes, exchange: str, *, bucket_cap_mb: float = 25.0,
     buckets, current = [], []
 
     def close(members, kind):
-        buckets.append(bucket_type(len(buckets), [n for n, _ in members], [s for _, s in members],
+        buckets.append(Bucket(len(buckets), [n for n, _ in members], [s for _, s in members],
                                    kind))
 
     for name, shape in reversed(large):
@@ -98,5 +77,5 @@ def make_buckets(named_shapes, exchange: str, *, bucket_cap_mb: float = 25.0,
     if current:
         close(current, exchange)
     if small:
-        close(list(reversed(small)), UNCOMPRESSED)
+        close(list(reversed(small)), PLAIN)
     return buckets

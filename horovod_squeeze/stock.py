@@ -1,18 +1,19 @@
 """Horovod's own ``compression=`` hook: which algorithms can go through it, and their two stages.
 
 The hook receives one tensor at a time, keeps no state, and Horovod's allreduce *sums* (averages)
-what it returns, so only linear compressors are correct through it. Each tensor gets its own
-random stream (``stream_id`` of its name) so that RandK picks the same entries on every rank. The
-framework classes (``horovod_squeeze.torch.StockCompression``,
-``horovod_squeeze.tensorflow.StockCompression``) find the tensor's name and keep the residuals.
+what it returns, so only linear worker compressors are correct through it. Each tensor gets its own
+random stream (``stream_id`` of its name) so that RandK picks the same entries on every rank; the
+server stage runs on every rank after the allreduce, on the same average, so nothing travels back
+and any server compressor works. The framework classes (``horovod_squeeze.torch.StockCompression``,
+``horovod_squeeze.tensorflow.StockCompression``) find the tensor's name and keep its state.
 """
 from __future__ import annotations
 
 import zlib
 
-from horovod_squeeze.algorithms import (
-    SERVER, WORKER, Algorithm, Compensated, server_stage, stage_nonce, worker_stage,
-)
+from horovod_squeeze.algorithms.base import Algorithm, ServerOut, StageContext, WorkerOut
+from horovod_squeeze.exchange import PASS1, PASS2, stage_nonce
+from horovod_squeeze.plan import check_algorithm as check_is_algorithm
 
 __all__ = ["stream_id", "check_algorithm", "stock_worker_stage", "stock_server_stage"]
 
@@ -22,28 +23,27 @@ def stream_id(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def check_algorithm(algorithm, compressed_wrapper: str) -> None:
+def check_algorithm(algorithm, compressed_wrapper: str) -> Algorithm:
     """Refuses what cannot go through the hook, naming ``compressed_wrapper`` as the way out."""
-    if not isinstance(algorithm, Algorithm):
-        raise TypeError(f"algorithm must be e.g. horovod_squeeze.ErrorFeedback(hs.FP16()), "
-                        f"got {algorithm!r}")
-    if not algorithm.compressor.linear:
+    check_is_algorithm(algorithm)
+    if not algorithm.worker.linear:
         raise ValueError(
-            f"{algorithm.compressor!r} cannot go through Horovod's compression= hook: the "
+            f"{algorithm.worker!r} cannot go through Horovod's compression= hook: the "
             "allreduce sums what the hook returns, which is only correct for linear "
             f"compressors (Identity, FP16, RandK). Use {compressed_wrapper}, whose sharded "
             "exchange sends any compressor's payloads.")
+    return algorithm
 
 
-def stock_worker_stage(codec, algorithm: Algorithm, flat, residual, *, step,
-                       name: str) -> Compensated:
-    """Before the allreduce: ``v = g + e; c = C(v); e = v - c``, on the tensor's shared stream."""
-    return worker_stage(codec, algorithm, flat, residual,
-                        nonce=stage_nonce(step, stream_id(name), 0, WORKER), name=name)
+def stock_worker_stage(codec, algorithm: Algorithm, flat, state: dict, *, step,
+                       name: str) -> WorkerOut:
+    """Before the allreduce: the worker stage on the tensor's shared stream."""
+    return algorithm.worker_stage(
+        codec, flat, state, StageContext(stage_nonce(step, stream_id(name), 0, PASS1), name, step))
 
 
-def stock_server_stage(codec, algorithm: Algorithm, mean, residual, *, step,
-                       name: str) -> Compensated:
+def stock_server_stage(codec, algorithm: Algorithm, mean, state: dict, *, step,
+                       name: str) -> ServerOut:
     """After the allreduce, on every rank: the server stage on the averaged tensor."""
-    return server_stage(codec, algorithm, [mean], residual,
-                        nonce=stage_nonce(step, stream_id(name), 0, SERVER), name=name)
+    return algorithm.server_stage(
+        codec, [mean], state, StageContext(stage_nonce(step, stream_id(name), 0, PASS2), name, step))

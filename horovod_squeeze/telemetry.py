@@ -5,11 +5,9 @@ import dataclasses
 
 import numpy as np
 
-from horovod_squeeze.buckets import Bucket
-from horovod_squeeze.compressors import Compressor
-from horovod_squeeze.exchange import PassBytes, fp32_allreduce_bytes, pass_bytes
+from horovod_squeeze.exchange import PassBytes
 
-__all__ = ["StepStats", "bucket_bytes", "residual_norms"]
+__all__ = ["StepStats", "state_norms"]
 
 
 @dataclasses.dataclass
@@ -45,31 +43,22 @@ class StepStats:
         return line
 
 
-def bucket_bytes(compressor: Compressor, bucket: Bucket, num_ranks: int,
-                 compressed: bool) -> PassBytes:
-    """What one rank sends and receives for ``bucket`` in a step: its compressed exchange, or a
-    plain fp32 allreduce (the small-tensor bucket, warm-up steps)."""
-    if compressed and bucket.compressed:
-        return pass_bytes(compressor, bucket.exchange, bucket.numel, num_ranks)
-    ring = fp32_allreduce_bytes(bucket.numel, num_ranks)
-    return PassBytes(ring, ring, 0, 0)
+def state_norms(plan, state: dict, rank: int) -> dict[str, dict[str, float]]:
+    """Per parameter: the norm of each of this rank's state tensors over that parameter.
 
-
-def residual_norms(buckets: list[Bucket], worker: dict, server: dict, *, rank: int,
-                   num_ranks: int) -> dict[str, tuple[float, float]]:
-    """Per parameter: (this rank's worker residual norm, norm of the server residual it owns).
-
-    ``worker`` and ``server`` map bucket index to this rank's residuals as NumPy arrays; a sharded
-    server residual is this rank's shard, placed at its offset in the bucket (zeros elsewhere).
+    ``state`` maps bucket index to ``{name: NumPy array}`` (this rank's tensors); a sharded server
+    tensor counts only the shard this rank owns, so summing squares over ranks gives the whole.
     """
-    norms = {}
-    for bucket in buckets:
-        own_worker, own_server = worker[bucket.index], server[bucket.index]
-        if bucket.exchange == "sharded" and own_server.size:
-            placed = np.zeros(own_server.size * num_ranks, np.float32)
-            placed[rank * own_server.size:(rank + 1) * own_server.size] = own_server
-            own_server = placed
+    norms: dict[str, dict[str, float]] = {}
+    for bucket in plan.buckets:
         for name, _, start, stop in bucket.spans():
-            norms[name] = (float(np.linalg.norm(own_worker[start:stop])),
-                           float(np.linalg.norm(own_server[start:stop])))
+            norms.setdefault(name, {})
+        if not bucket.compressed:
+            continue
+        for spec in plan.algorithm.state():
+            placed = np.zeros(bucket.numel, np.float32)
+            first, last = plan.state_span(bucket, spec, rank)
+            placed[first:last] = state[bucket.index][spec.name][:last - first]
+            for name, _, start, stop in bucket.spans():
+                norms[name][spec.name] = float(np.linalg.norm(placed[start:stop]))
     return norms

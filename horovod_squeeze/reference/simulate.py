@@ -1,97 +1,98 @@
 """NumPy simulation of n workers running an algorithm over one exchange: the test oracle.
 
-The simulation follows the exchanges' data layout exactly (bucket padding, shard ownership, nonces),
-so a multi-rank run can be compared with it step by step:
+Each algorithm's update is written from its paper in its own module beside this one
+(``horovod_squeeze.reference.<module>``, named like the algorithm's module), over one segment of n
+workers. This module adds the exchanges' documented data layout, written independently of the
+exchange code it checks:
 
-- ``sharded``: the bucket is zero-padded to ``n * shard`` entries (:func:`shard_numel`); worker i
-  compresses each shard j of ``g_i + e_i`` separately and sends it to rank j (pass 1, alltoall);
-  rank j averages the n pieces, adds its server residual and compresses (pass 2, allgather);
-- ``allgather``: worker i compresses its whole bucket, every rank decodes all n payloads and runs
-  the server stage itself on the replicated server residual;
-- ``allreduce``: like ``allgather``, for linear compressors whose ranks share random streams.
+- ``sharded``: the bucket is zero-padded to ``n * shard`` entries (:func:`shard_numel`); shard j is a
+  segment of its own: worker i compresses its part of shard j with nonce ``(step, bucket, j, pass 1,
+  i)``, the owner j compresses the server's with ``(step, bucket, j, pass 2, 0)``. Padding carries
+  nothing: every decoded tensor is zeroed past the shard's real entries.
+- ``allgather``: one segment, the whole bucket; worker i's nonce ``(step, bucket, 0, pass 1, i)``.
+- ``allreduce``: like ``allgather``, but every worker draws from rank 0's stream.
+
+State: ``{"worker": {name: [per rank]}, "server": {name: [per shard, or one copy]}}``; a worker
+tensor covers the (padded) bucket, a server tensor its shard.
 """
 from __future__ import annotations
 
-import dataclasses
+import importlib
 
 import numpy as np
 
 from horovod_squeeze import reference
-from horovod_squeeze.algorithms import (
-    SERVER, WORKER, Algorithm, server_stage, stage_nonce, worker_stage,
-)
-from horovod_squeeze.exchange import EXCHANGES, shard_numel, shard_valid_numel
+from horovod_squeeze.exchange import PASS1, PASS2, shard_numel, shard_valid_numel, stage_nonce
 
-__all__ = ["SimulationState", "init_state", "simulate_step"]
+__all__ = ["init_state", "simulate_step"]
 
 
-@dataclasses.dataclass
-class SimulationState:
-    """Residuals of every worker and of every shard server, for one bucket."""
-
-    worker_residuals: list[np.ndarray]  # per worker, over the (padded) bucket
-    server_residuals: list[np.ndarray]  # per shard owner (one replicated copy unless sharded)
+def _specs(algorithm):
+    return algorithm.state()
 
 
-def init_state(numel: int, num_workers: int, exchange: str) -> SimulationState:
-    """Zero residuals for a bucket of ``numel`` entries."""
-    if exchange == "sharded":
-        shard = shard_numel(numel, num_workers)
-        return SimulationState([np.zeros(shard * num_workers, np.float32)] * num_workers,
-                               [np.zeros(shard, np.float32)] * num_workers)
-    return SimulationState([np.zeros(numel, np.float32)] * num_workers, [np.zeros(numel, np.float32)])
+def init_state(algorithm, exchange: str, numel: int, num_workers: int) -> dict:
+    """Zero state for a bucket of ``numel`` entries."""
+    sharded = exchange == "sharded"
+    length = shard_numel(numel, num_workers) if sharded else numel
+    workers = {s.name: [np.zeros(length * (num_workers if sharded else 1), np.float32)
+                        for _ in range(num_workers)]
+               for s in _specs(algorithm) if s.placement == "worker"}
+    server = {s.name: [np.zeros(length, np.float32) for _ in range(num_workers if sharded else 1)]
+              for s in _specs(algorithm) if s.placement == "server"}
+    return {"worker": workers, "server": server}
 
 
-def simulate_step(algorithm: Algorithm, exchange: str, gradients: list[np.ndarray],
-                  state: SimulationState, *, step: int, bucket: int = 0
-                  ) -> tuple[np.ndarray, SimulationState]:
-    """One synchronous step; returns the averaged gradient every worker applies and the new state."""
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
-    n = len(gradients)
-    numel = gradients[0].size
-    if exchange == "sharded":
-        shard = shard_numel(numel, n)
-        pieces = [[None] * n for _ in range(n)]  # pieces[owner][worker]
-        worker_residuals = []
-        for rank, gradient in enumerate(gradients):
-            padded = np.zeros(shard * n, np.float32)
-            padded[:numel] = gradient
-            residual_parts = []
-            for owner in range(n):
-                part = slice(owner * shard, (owner + 1) * shard)
-                out = worker_stage(reference, algorithm, padded[part],
-                                   state.worker_residuals[rank][part],
-                                   nonce=stage_nonce(step, bucket, owner, WORKER, rank),
-                                   name=f"bucket{bucket}")
-                valid = shard_valid_numel(numel, n, owner)
-                pieces[owner][rank] = _zero_tail(out.decoded, valid)
-                residual_parts.append(_zero_tail(_residual(out, shard), valid))
-            worker_residuals.append(np.concatenate(residual_parts))
-        served = [server_stage(reference, algorithm, pieces[owner], state.server_residuals[owner],
-                               nonce=stage_nonce(step, bucket, owner, SERVER),
-                               name=f"bucket{bucket}") for owner in range(n)]
-        applied = np.concatenate([s.decoded for s in served])[:numel]
-        server_residuals = [_zero_tail(_residual(s, shard), shard_valid_numel(numel, n, owner))
-                            for owner, s in enumerate(served)]
-        return applied, SimulationState(worker_residuals, server_residuals)
+def simulate_step(algorithm, exchange: str, gradients: list[np.ndarray], state: dict, *,
+                  step: int, bucket: int = 0) -> tuple[np.ndarray, dict]:
+    """One synchronous step: what every worker applies, and the new state."""
+    if exchange not in ("sharded", "allgather", "allreduce"):
+        raise ValueError(f"unknown exchange {exchange!r}")
+    update = importlib.import_module(
+        f"horovod_squeeze.reference.{type(algorithm).__module__.rsplit('.', 1)[-1]}").step
+    n, numel = len(gradients), gradients[0].size
 
-    shared_stream = exchange == "allreduce"
-    outs = [worker_stage(reference, algorithm, gradient, state.worker_residuals[rank],
-                         nonce=stage_nonce(step, bucket, 0, WORKER, 0 if shared_stream else rank),
-                         name=f"bucket{bucket}")
-            for rank, gradient in enumerate(gradients)]
-    served = server_stage(reference, algorithm, [o.decoded for o in outs], state.server_residuals[0],
-                          nonce=stage_nonce(step, bucket, 0, SERVER), name=f"bucket{bucket}")
-    return served.decoded, SimulationState([_residual(o, numel) for o in outs],
-                                           [_residual(served, numel)])
+    def codec(compressor, nonce, valid):
+        def apply(v):
+            decoded = reference.decompress(compressor, reference.compress(compressor, v,
+                                                                          nonce=nonce), v.size)
+            decoded = decoded.copy()
+            decoded[valid:] = 0
+            return decoded
+        return apply
 
+    if exchange != "sharded":
+        shared = exchange == "allreduce"
+        workers = {k: list(v) for k, v in state["worker"].items()}
+        server = {k: v[0] for k, v in state["server"].items()}
+        output, new_workers, new_server = update(
+            algorithm, [g.astype(np.float32) for g in gradients], workers, server,
+            lambda i, v: codec(algorithm.worker,
+                               stage_nonce(step, bucket, 0, PASS1, 0 if shared else i), numel)(v),
+            codec(algorithm.server, stage_nonce(step, bucket, 0, PASS2, 0), numel))
+        return output, {"worker": new_workers, "server": {k: [v] for k, v in new_server.items()}}
 
-def _zero_tail(x: np.ndarray, valid: int) -> np.ndarray:
-    out = x.copy()
-    out[valid:] = 0
-    return out
-
-
-def _residual(out, numel: int) -> np.ndarray:
-    return out.residual if out.residual is not None else np.zeros(numel, np.float32)
+    shard = shard_numel(numel, n)
+    padded = [np.concatenate([g.astype(np.float32), np.zeros(shard * n - numel, np.float32)])
+              for g in gradients]
+    outputs, new_workers = [], {k: [[] for _ in range(n)] for k in state["worker"]}
+    new_server = {k: [] for k in state["server"]}
+    for owner in range(n):
+        part = slice(owner * shard, (owner + 1) * shard)
+        valid = shard_valid_numel(numel, n, owner)
+        output, workers, server = update(
+            algorithm, [p[part] for p in padded],
+            {k: [w[part] for w in v] for k, v in state["worker"].items()},
+            {k: v[owner] for k, v in state["server"].items()},
+            lambda i, v, owner=owner, valid=valid: codec(
+                algorithm.worker, stage_nonce(step, bucket, owner, PASS1, i), valid)(v),
+            codec(algorithm.server, stage_nonce(step, bucket, owner, PASS2, 0), valid))
+        outputs.append(output)
+        for k, per_rank in workers.items():
+            for i, value in enumerate(per_rank):
+                new_workers[k][i].append(value)
+        for k, value in server.items():
+            new_server[k].append(value)
+    workers = {k: [np.concatenate(parts) for parts in per_rank]
+               for k, per_rank in new_workers.items()}
+    return np.concatenate(outputs)[:numel], {"worker": workers, "server": new_server}

@@ -1,4 +1,8 @@
-"""PyTorch implementation of the codecs' :class:`~horovod_squeeze._codecs.ArrayOps`."""
+"""PyTorch implementation of the codecs' :class:`~horovod_squeeze._codecs.ArrayOps`, on one device.
+
+Every tensor an operation creates (constants, indices, lookup tables) is made on that device, so a
+codec for ``cuda:0`` never moves data through the host.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,10 +13,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
            "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 _INT_BYTES = {"int32": 4, "uint32": 4, "uint16": 2, "uint8": 1}
 _FLOAT_WIRE = {"float32": torch.float32, "float16": torch.float16}
-_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 _CHUNK = 1 << 16
-# Row b holds the signs of byte b's bits, least significant first: +1 for a set bit, -1 otherwise.
-_SIGN_TABLE = ((torch.arange(256).reshape(-1, 1) >> torch.arange(8)) & 1).to(torch.float32) * 2 - 1
 
 
 def _power64(x, power):
@@ -21,6 +22,16 @@ def _power64(x, power):
 
 
 class TorchOps(ArrayOps):
+    def __init__(self, device=None):
+        self.device = torch.device("cpu" if device is None else device)
+        self._bit_shifts = torch.arange(8, dtype=torch.uint8, device=self.device)
+        # Row b: the signs of byte b's bits, least significant first (+1 set, -1 clear).
+        self._sign_table = ((torch.arange(256, device=self.device).reshape(-1, 1)
+                             >> torch.arange(8, device=self.device)) & 1).to(torch.float32) * 2 - 1
+
+    def _zeros(self, numel, dtype):
+        return torch.zeros(numel, dtype=dtype, device=self.device)
+
     def flat_float32(self, x, name):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -32,10 +43,10 @@ class TorchOps(ArrayOps):
         return x.to(_DTYPES[kind])
 
     def constant(self, values, kind):
-        return torch.tensor(values, dtype=_DTYPES[kind])
+        return torch.tensor(values, dtype=_DTYPES[kind], device=self.device)
 
     def arange(self, n):
-        return torch.arange(n, dtype=torch.int64)
+        return torch.arange(n, dtype=torch.int64, device=self.device)
 
     def abs(self, x):
         return x.abs()
@@ -81,7 +92,7 @@ class TorchOps(ArrayOps):
         if magnitude.numel() != 1:
             return super().signed_bits(data, count, magnitude)
         # One magnitude: look each byte up in a table of its 8 signed values.
-        table = _SIGN_TABLE * magnitude.to(torch.float32)
+        table = self._sign_table * magnitude.to(torch.float32)
         return table.index_select(0, data.to(torch.int32)).reshape(-1)[:count]
 
     def max(self, x, axis=None):
@@ -121,10 +132,10 @@ class TorchOps(ArrayOps):
         return x[indices]
 
     def scatter(self, numel, indices, values):
-        return torch.zeros(numel, dtype=torch.float32).index_put_((indices,), values)
+        return self._zeros(numel, torch.float32).index_put_((indices,), values)
 
     def concat(self, parts):
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+        return torch.cat(parts) if parts else self._zeros(0, torch.uint8)
 
     def float32_bits(self, x):
         return x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
@@ -134,7 +145,7 @@ class TorchOps(ArrayOps):
 
     def to_bytes(self, x, kind):
         if x.numel() == 0:  # views of empty tensors have stride 0 and cannot be reinterpreted
-            return torch.zeros(0, dtype=torch.uint8)
+            return self._zeros(0, torch.uint8)
         if kind in _FLOAT_WIRE:
             return x.to(_FLOAT_WIRE[kind]).contiguous().view(torch.uint8)
         # Little-endian: the low bytes of each int64 are the narrower integer.
@@ -142,14 +153,14 @@ class TorchOps(ArrayOps):
 
     def from_bytes(self, data, kind):
         if data.numel() == 0:
-            return torch.zeros(0, dtype=torch.float32 if kind in _FLOAT_WIRE else torch.int64)
+            return self._zeros(0, torch.float32 if kind in _FLOAT_WIRE else torch.int64)
         if kind in _FLOAT_WIRE:
             dtype = _FLOAT_WIRE[kind]
             if data.storage_offset() % dtype.itemsize:  # sections need not start aligned
                 data = data.clone()
             return data.contiguous().view(dtype).to(torch.float32)
         width = _INT_BYTES[kind]
-        wide = torch.zeros((data.numel() // width, 8), dtype=torch.uint8)
+        wide = torch.zeros((data.numel() // width, 8), dtype=torch.uint8, device=self.device)
         wide[:, :width] = data.reshape(-1, width)
         return wide.view(torch.int64).reshape(-1)
 
@@ -157,7 +168,7 @@ class TorchOps(ArrayOps):
         if width == 1:
             bits = codes.view(torch.uint8) if codes.dtype == torch.bool else codes.to(torch.uint8)
         else:
-            shifts = torch.arange(width, dtype=torch.int64)
+            shifts = self.arange(width)
             bits = ((codes.reshape(-1, 1) >> shifts) & 1).to(torch.uint8).reshape(-1)
         if bits.numel() % 8:
             bits = torch.nn.functional.pad(bits, (0, -bits.numel() % 8))
@@ -168,12 +179,12 @@ class TorchOps(ArrayOps):
         return packed
 
     def unpack_bits(self, data, width, count):
-        bits = data.reshape(-1, 1) >> _BIT_SHIFTS
+        bits = data.reshape(-1, 1) >> self._bit_shifts
         bits &= 1
         bits = bits.reshape(-1)[:count * width]
         if width == 1:
             return bits.view(torch.bool)
-        shifts = torch.arange(width, dtype=torch.int64)
+        shifts = self.arange(width)
         return (bits.reshape(count, width).to(torch.int64) << shifts).sum(dim=1)
 
     def payload_size(self, payload):

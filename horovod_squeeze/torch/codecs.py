@@ -1,6 +1,7 @@
 """PyTorch codecs: every compressor spec's ``compress`` and ``decompress`` on torch tensors.
 
-Payloads are byte-identical to :mod:`horovod_squeeze.reference` and to the TensorFlow codecs.
+Payloads are byte-identical to :mod:`horovod_squeeze.reference` and to the TensorFlow codecs, and
+stay on the input's device (:func:`on` gives the codec of one device).
 
 Example::
 
@@ -15,24 +16,34 @@ Example::
 import torch
 
 from horovod_squeeze._codecs import Codec
-from horovod_squeeze.compressors import Compressor
 from horovod_squeeze.torch._ops import TorchOps
 
-__all__ = ["compress", "decompress", "split_linear", "join_linear", "xp"]
+__all__ = ["compress", "decompress", "on"]
 
-_codec = Codec(TorchOps())
-compress = _codec.compress
-decompress = _codec.decompress
-xp = _codec.xp  # the array operations, for framework-neutral code such as horovod_squeeze.passes
+_codecs: dict[torch.device, Codec] = {}
 
 
-def split_linear(spec: Compressor, payload: torch.Tensor, numel: int):
-    """A linear compressor's payload as (header bytes, summable float values) for an allreduce."""
-    section, start, stop = next(s for s in spec.layout(numel).spans() if s[0].name == "values")
-    dtype = torch.float16 if section.kind == "float16" else torch.float32
-    return payload[:start], payload[start:stop].clone().view(dtype)
+def on(device=None) -> Codec:
+    """The codec whose tensors live on ``device`` (default: the CPU)."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _codecs:
+        _codecs[device] = Codec(TorchOps(device))
+    return _codecs[device]
 
 
-def join_linear(header: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`split_linear`: the payload with (reduced) values after its header."""
-    return torch.cat([header, values.contiguous().view(torch.uint8)])
+def compress(spec, x: torch.Tensor, *, nonce: int = 0, name: str = "tensor") -> torch.Tensor:
+    """``x`` as its uint8 wire payload, on ``x``'s device."""
+    return on(_device(x, name)).compress(spec, x, nonce=nonce, name=name)
+
+
+def decompress(spec, payload: torch.Tensor, numel: int, *, name: str = "payload") -> torch.Tensor:
+    """A payload back to a flat float32 tensor of ``numel`` entries, on the payload's device."""
+    return on(_device(payload, name)).decompress(spec, payload, numel, name=name)
+
+
+def _device(x, name: str) -> torch.device:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x.device

@@ -1,214 +1,168 @@
-"""The compressed gradient exchange for PyTorch: buckets launched during backward, residual state.
+"""The compressed exchange for PyTorch: buckets launched during backward, state on the gradient's
+device.
 
-When a bucket's last gradient arrives, pass 1 starts asynchronously; :meth:`SqueezeEngine.finish`
-completes every bucket (server stage, pass 2, decode) when the optimizer synchronizes. The layout
-is :mod:`horovod_squeeze.buckets`, each rank's computation between collectives is
-:mod:`horovod_squeeze.passes`; this module moves tensors, keeps state and times the parts.
+When a bucket's last gradient arrives, its exchange starts (:class:`~horovod_squeeze.driver.InFlight`
+launches its first collective asynchronously); :meth:`SqueezeEngine.finish` resumes every bucket in
+turn until all are done, so one bucket's pass 2 overlaps the others'. What runs is
+:class:`~horovod_squeeze.plan.Plan`; this module moves tensors, keeps state and times the parts.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 
 import torch
 
-from horovod_squeeze import passes
-from horovod_squeeze.algorithms import Algorithm
-from horovod_squeeze.buckets import UNCOMPRESSED, Bucket, make_buckets
-from horovod_squeeze.exchange import PassBytes, check_configuration, fp32_allreduce_bytes
-from horovod_squeeze.telemetry import StepStats, bucket_bytes, residual_norms
+from horovod_squeeze import checkpoint
+from horovod_squeeze.algorithms.base import Algorithm
+from horovod_squeeze.driver import InFlight, run_to_end
+from horovod_squeeze.exchange import PassBytes
+from horovod_squeeze.plan import EngineOptions, Plan
+from horovod_squeeze.telemetry import StepStats, state_norms
 from horovod_squeeze.torch import codecs
 
-__all__ = ["SqueezeEngine", "StepStats", "UNCOMPRESSED"]
+__all__ = ["SqueezeEngine", "StepStats"]
 
 logger = logging.getLogger("horovod_squeeze")
 
 
-@dataclasses.dataclass
-class _Bucket(Bucket):
-    """A bucket and what is in flight for it during one step."""
-
-    grads: dict = dataclasses.field(default_factory=dict)
-    dtypes: dict = dataclasses.field(default_factory=dict)
-    handle: object = None
-    plain: bool = False  # averaged uncompressed this step
-
-
 class SqueezeEngine:
-    """Compressed exchange of named gradients, with per-bucket worker and server residuals.
+    """Compressed exchange of named gradients, with the algorithm's state per bucket.
 
-    Tune these:
-      algorithm: ``DoubleSqueeze(C)``, ``ErrorFeedback(C)`` or ``NoFeedback(C)``.
-      exchange: ``"sharded"`` (alltoall + allgather), ``"allgather"`` or ``"allreduce"`` (linear
-        compressors only).
-      bucket_cap_mb: fuse gradients into buckets of at most this many MB of float32.
-      min_compress_numel: tensors smaller than this are averaged uncompressed, in one fused bucket.
-      warmup_steps: the first steps are averaged uncompressed (residuals stay zero).
-      log_every: log a summary line every this many steps on rank 0 (0: never).
+    Tune these: the options of :class:`~horovod_squeeze.plan.EngineOptions`.
 
-    Internal state (``state_dict``): the step counter, worker residuals (per bucket, over its padded
-    length) and server residuals (this rank's shard, or a replicated copy without sharding).
+    Internal state: ``step`` (drives warm-up and the random streams) and ``state[bucket][name]``,
+    this rank's tensors of each of the algorithm's named state (``algorithm.state()``), created on
+    ``device`` and moved to the gradients' device if they arrive elsewhere.
+
+    Statistics: ``last_stats`` (bytes and timings of the last step), :meth:`state_norms`.
     """
 
-    def __init__(self, algorithm: Algorithm, named_shapes: list[tuple[str, torch.Size]], *,
-                 collectives, exchange: str = "sharded", bucket_cap_mb: float = 25.0,
-                 min_compress_numel: int = 1024, warmup_steps: int = 0, log_every: int = 0):
-        check_configuration(algorithm, named_shapes, exchange, warmup_steps=warmup_steps,
-                            log_every=log_every)
-        self.algorithm = algorithm
-        self.exchange = exchange
-        self.warmup_steps = warmup_steps
-        self.log_every = log_every
+    def __init__(self, algorithm: Algorithm, named_shapes, *, collectives, device=None,
+                 learning_rate=None, **options):
+        self.plan = Plan(algorithm, named_shapes, collectives.size, EngineOptions(**options),
+                         stacklevel=3)
         self.comm = collectives
+        self.learning_rate = learning_rate  # a callable giving the optimizer's, or None
         self.step = 0
-        self.buckets = make_buckets(named_shapes, exchange, bucket_cap_mb=bucket_cap_mb,
-                                    min_compress_numel=min_compress_numel, bucket_type=_Bucket)
-        self._bucket_of = {name: b for b in self.buckets for name in b.names}
-        size = self.comm.size
-        self.worker_residuals = {b.index: torch.zeros(b.worker_numel(size)) for b in self.buckets}
-        self.server_residuals = {b.index: torch.zeros(b.server_numel(size)) for b in self.buckets}
+        device = torch.device("cpu" if device is None else device)
+        self.state = {b.index: {name: torch.zeros(numel, device=device)
+                                for name, numel in self.plan.state_layout(b).items()}
+                      for b in self.plan.buckets}
+        self._bucket_of = {name: b for b in self.plan.buckets for name in b.names}
+        self._grads: dict[int, dict[str, torch.Tensor]] = {b.index: {} for b in self.plan.buckets}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._flights: list = []
         self._results: dict[str, torch.Tensor] = {}
-        self._launched: list[_Bucket] = []
-        self._timing = {"compress": 0.0, "communicate": 0.0, "decode": 0.0}
-        self._bytes = PassBytes(0, 0, 0, 0)
         self.last_stats: StepStats | None = None
+
+    algorithm = property(lambda self: self.plan.algorithm)
+    exchange = property(lambda self: self.plan.exchange)
+    buckets = property(lambda self: self.plan.buckets)
 
     # --- the exchange -----------------------------------------------------------------------------
 
     def submit(self, name: str, grad: torch.Tensor) -> None:
-        """Hands over one parameter's gradient; starts pass 1 once its bucket is complete."""
+        """Hands over one parameter's gradient; starts its bucket's exchange once it is complete."""
         bucket = self._bucket_of[name]
-        if name in bucket.grads:
+        grads = self._grads[bucket.index]
+        if name in grads:
             raise RuntimeError(f"gradient of {name!r} submitted twice in one step")
-        bucket.grads[name] = grad
-        if len(bucket.grads) == len(bucket.names):
+        grads[name] = grad
+        if len(grads) == len(bucket.names):
             self._launch(bucket)
 
     def result(self, name: str) -> torch.Tensor:
-        """The averaged gradient of ``name`` (finishes every launched bucket on first use)."""
-        if self._launched:
+        """The averaged gradient (or model increment) of ``name``; finishes the step on first use."""
+        if self._flights:
             self.finish()
         return self._results.pop(name)
 
-    def _flat(self, bucket: _Bucket) -> torch.Tensor:
-        bucket.dtypes = {name: bucket.grads[name].dtype for name in bucket.names}
-        grads = [bucket.grads[name].detach().reshape(-1).to(torch.float32) for name in bucket.names]
-        bucket.grads = {}
-        return torch.cat(grads)
+    def _launch(self, bucket) -> None:
+        grads = self._grads[bucket.index]
+        self._dtypes.update({name: grads[name].dtype for name in bucket.names})
+        flat = torch.cat([grads[name].detach().reshape(-1).to(torch.float32)
+                          for name in bucket.names])
+        self._grads[bucket.index] = {}
+        state = self._state_on(bucket, flat.device)
+        rate = None if self.learning_rate is None else self.learning_rate()
+        steps = self.plan.run(codecs.on(flat.device), bucket, flat, state, step=self.step,
+                              rank=self.comm.rank, warm=self.step < self.plan.options.warmup_steps,
+                              learning_rate=rate)
+        self._flights.append((bucket, InFlight(self.comm, steps, f"squeeze.b{bucket.index}")))
 
-    def _launch(self, bucket: _Bucket) -> None:
-        flat = self._flat(bucket)
-        comm, name = self.comm, f"squeeze.step.b{bucket.index}"
-        start = time.perf_counter()
-        bucket.plain = not bucket.compressed or self.step < self.warmup_steps
-        if bucket.plain:
-            bucket.handle = comm.allreduce_average(flat, name + ".plain")
-        elif bucket.exchange == "sharded":
-            out = self._keep(self.worker_residuals[bucket.index], passes.sharded_pass1(
-                codecs, self.algorithm, bucket, flat, self.worker_residuals[bucket.index],
-                step=self.step, rank=comm.rank, size=comm.size))
-            bucket.handle = comm.alltoall(out.payload, name + ".pass1")
-        elif bucket.exchange == "allgather":
-            out = self._keep(self.worker_residuals[bucket.index], passes.replicated_pass1(
-                codecs, self.algorithm, bucket, flat, self.worker_residuals[bucket.index],
-                step=self.step, rank=comm.rank))
-            bucket.handle = comm.allgather(out.payload, name + ".pass1")
-        else:  # allreduce of a linear compressor's values; ranks share the random stream
-            out = self._keep(self.worker_residuals[bucket.index], passes.replicated_pass1(
-                codecs, self.algorithm, bucket, flat, self.worker_residuals[bucket.index],
-                step=self.step, rank=0))
-            header, values = codecs.split_linear(self.algorithm.compressor, out.payload,
-                                                 bucket.numel)
-            bucket.handle = (header, comm.allreduce_average(values, name + ".pass1"))
-        self._bytes += bucket_bytes(self.algorithm.compressor, bucket, comm.size,
-                                    compressed=not bucket.plain)
-        self._timing["compress"] += time.perf_counter() - start
-        self._launched.append(bucket)
-
-    @staticmethod
-    def _keep(residual: torch.Tensor, sent: passes.Sent) -> passes.Sent:
-        if sent.residual is not None:
-            residual.copy_(sent.residual)
-        return sent
+    def _state_on(self, bucket, device: torch.device) -> dict:
+        state = self.state[bucket.index]
+        for name, tensor in state.items():
+            if tensor.device != device:  # the model moved after the optimizer was built
+                state[name] = tensor.to(device)
+        return state
 
     def finish(self) -> None:
-        """Completes every launched bucket: server stage, pass 2, decode; then advances the step."""
-        comm = self.comm
-        in_pass2 = []
-        for bucket in self._launched:
-            if bucket.plain:
-                self._store(bucket, self._wait(bucket.handle))
-            elif bucket.exchange == "sharded":
-                received = self._wait(bucket.handle)
-                start = time.perf_counter()
-                out = self._keep(self.server_residuals[bucket.index], passes.sharded_pass2(
-                    codecs, self.algorithm, bucket, received, self.server_residuals[bucket.index],
-                    step=self.step, rank=comm.rank, size=comm.size))
-                self._timing["compress"] += time.perf_counter() - start
-                in_pass2.append((bucket, comm.allgather(out.payload,
-                                                        f"squeeze.step.b{bucket.index}.pass2")))
-            elif bucket.exchange == "allgather":
-                gathered = self._wait(bucket.handle)
-                start = time.perf_counter()
-                pieces = passes.split_payloads(codecs, self.algorithm, gathered, bucket.numel,
-                                               comm.size)
-                self._timing["decode"] += time.perf_counter() - start
-                self._store(bucket, self._replicated_server(bucket, pieces))
-            else:
-                header, values_handle = bucket.handle
-                values = self._wait(values_handle)
-                start = time.perf_counter()
-                mean = codecs.decompress(self.algorithm.compressor,
-                                         codecs.join_linear(header, values), bucket.numel)
-                self._timing["decode"] += time.perf_counter() - start
-                self._store(bucket, self._replicated_server(bucket, [mean]))
-        for bucket, handle in in_pass2:
-            gathered = self._wait(handle)
-            start = time.perf_counter()
-            flat = passes.sharded_decode(codecs, self.algorithm, bucket, gathered, size=comm.size)
-            self._timing["decode"] += time.perf_counter() - start
-            self._store(bucket, flat)
-        self._launched = []
-        self._end_step()
+        """Completes every launched bucket, stores its state and results; advances the step."""
+        while any(not flight.done for _, flight in self._flights):
+            for _, flight in self._flights:
+                if not flight.done:
+                    flight.resume()
+        timing = [0.0, 0.0, 0.0]
+        for bucket, flight in self._flights:
+            for name, value in flight.result.state.items():
+                self.state[bucket.index][name].copy_(value)
+            for name, _, start, stop in bucket.spans():
+                self._results[name] = flight.result.output[start:stop].reshape(
+                    bucket.shapes[bucket.names.index(name)]).to(self._dtypes[name])
+            timing = [timing[0] + flight.compute_seconds, timing[1] + flight.wait_seconds,
+                      timing[2] + flight.finish_seconds]
+        self._flights = []
+        self._end_step(timing)
 
-    def _wait(self, handle):
-        start = time.perf_counter()
-        output = self.comm.wait(handle)
-        self._timing["communicate"] += time.perf_counter() - start
-        return output
-
-    def _replicated_server(self, bucket: _Bucket, pieces) -> torch.Tensor:
-        start = time.perf_counter()
-        out = passes.replicated_server(codecs, self.algorithm, bucket, pieces,
-                                       self.server_residuals[bucket.index], step=self.step)
-        if out.residual is not None:
-            self.server_residuals[bucket.index].copy_(out.residual)
-        self._timing["compress"] += time.perf_counter() - start
-        return out.decoded
-
-    def _store(self, bucket: _Bucket, flat: torch.Tensor) -> None:
-        for name, shape, start, stop in bucket.spans():
-            self._results[name] = flat[start:stop].reshape(shape).to(bucket.dtypes[name])
-        bucket.handle = None
-
-    def _end_step(self) -> None:
-        numel = sum(b.numel for b in self.buckets)
-        self.last_stats = StepStats(self.step, self._bytes,
-                                    fp32_allreduce_bytes(numel, self.comm.size),
-                                    self._timing["compress"], self._timing["communicate"],
-                                    self._timing["decode"])
-        if self.log_every and self.comm.rank == 0 and (self.step + 1) % self.log_every == 0:
+    def _end_step(self, timing) -> None:
+        warm = self.step < self.plan.options.warmup_steps
+        self.last_stats = StepStats(self.step, self.plan.step_bytes(warm), self.plan.fp32_bytes,
+                                    *timing)
+        every = self.plan.options.log_every
+        if every and self.comm.rank == 0 and (self.step + 1) % every == 0:
             logger.info("%s", self.last_stats.summary())
-        self._timing = dict.fromkeys(self._timing, 0.0)
-        self._bytes = PassBytes(0, 0, 0, 0)
         self.step += 1
 
     # --- state --------------------------------------------------------------------------------------
 
-    def residual_norms(self) -> dict[str, tuple[float, float]]:
-        """Per parameter: (this rank's worker residual norm, norm of the server residual it owns)."""
-        return residual_norms(self.buckets,
-                              {i: r.cpu().numpy() for i, r in self.worker_residuals.items()},
-                              {i: r.cpu().numpy() for i, r in self.server_residuals.items()},
-                              rank=self.comm.rank, num_ranks=self.comm.size)
+    def state_norms(self) -> dict[str, dict[str, float]]:
+        """Per parameter: the norm of each of this rank's state tensors (a sharded server tensor:
+        the shard this rank owns)."""
+        return state_norms(self.plan, self._numpy_state(), self.comm.rank)
+
+    def scale_state_(self, factor: float) -> None:
+        """Multiplies the state in gradient units by ``factor`` (e.g. old / new learning rate)."""
+        for bucket_state in self.state.values():
+            for name in self.plan.gradient_state():
+                bucket_state[name].mul_(factor)
+
+    def gather_state(self) -> dict:
+        """Every rank's state by parameter name (:mod:`horovod_squeeze.checkpoint`'s format, with
+        torch tensors); a collective: call it on every rank."""
+        device = next((t.device for s in self.state.values() for t in s.values()),
+                      torch.device("cpu"))
+        gathered = run_to_end(self.comm, checkpoint.gather(self.plan, codecs.on(device),
+                                                           self.state), "squeeze.state")
+        numpy = {i: {n: t.cpu().numpy() for n, t in s.items()} for i, s in gathered.items()}
+        saved = checkpoint.to_checkpoint(self.plan, numpy, self.step)
+        for entry in saved["state"].values():
+            entry["tensors"] = {n: torch.from_numpy(a) for n, a in entry["tensors"].items()}
+        return saved
+
+    def restore_state(self, saved: dict) -> None:
+        """This rank's part of :meth:`gather_state`'s dict: exact at the same world size,
+        re-sharded (sums preserved) at another."""
+        as_numpy = {**saved, "state": {
+            name: {**entry, "tensors": {n: t.cpu().numpy() if isinstance(t, torch.Tensor) else t
+                                        for n, t in entry["tensors"].items()}}
+            for name, entry in saved.get("state", {}).items()}} if isinstance(saved, dict) else saved
+        step, restored = checkpoint.restore(self.plan, as_numpy, self.comm.rank)
+        for index, tensors in restored.items():
+            for name, array in tensors.items():
+                live = self.state[index][name]
+                live.copy_(torch.from_numpy(array).to(live.device))
+        self.step = step
+
+    def _numpy_state(self) -> dict:
+        return {i: {n: t.cpu().numpy() for n, t in s.items()} for i, s in self.state.items()}

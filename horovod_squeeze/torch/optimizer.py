@@ -14,11 +14,11 @@ import torch
 from horovod.torch.compression import Compression
 from horovod.torch.optimizer import _DistributedOptimizer
 
-from horovod_squeeze.algorithms import Algorithm
+from horovod_squeeze.algorithms import MODEL_INCREMENT, Algorithm
 from horovod_squeeze.compressors import Compressor
+from horovod_squeeze.plan import EngineOptions, check_algorithm
 from horovod_squeeze.torch.collectives import HorovodCollectives
 from horovod_squeeze.torch.engine import SqueezeEngine, StepStats
-from horovod_squeeze.torch import state as squeeze_state
 
 __all__ = ["DistributedOptimizer"]
 
@@ -30,10 +30,12 @@ class _SqueezeOptimizer(_DistributedOptimizer):
                                        backward_passes_per_step=backward_passes_per_step, op=op,
                                        gradient_predivide_factor=gradient_predivide_factor,
                                        process_set=process_set)
-        ordered = [(self._parameter_names[p], p.shape)
-                   for group in self.param_groups for p in group["params"] if p.requires_grad]
-        self._squeeze = SqueezeEngine(algorithm, ordered,
-                                      collectives=HorovodCollectives(process_set), **engine_options)
+        trained = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        self._squeeze = SqueezeEngine(
+            algorithm, [(self._parameter_names[p], p.shape) for p in trained],
+            collectives=HorovodCollectives(process_set),
+            device=trained[0].device if trained else None,
+            learning_rate=self._squeeze_learning_rate, **engine_options)
         # Average is what the algorithms compute; Sum is the same times the number of ranks.
         self._squeeze_postscale = gradient_predivide_factor * (
             process_set.size() if op == hvd.Sum else 1.0)
@@ -51,6 +53,29 @@ class _SqueezeOptimizer(_DistributedOptimizer):
         self._squeeze.submit(name, grad)
         return self._squeeze_result(name), None
 
+    def _squeeze_learning_rate(self) -> float:
+        rates = {group["lr"] for group in self.param_groups}
+        if len(rates) > 1 and self._squeeze.algorithm.output == MODEL_INCREMENT:
+            raise ValueError(f"{self._squeeze.algorithm!r} updates the model with one learning "
+                             f"rate; the parameter groups have {sorted(rates)}")
+        return float(next(iter(rates)))
+
+    def step(self, closure=None):
+        """As Horovod's; an algorithm whose output is a model increment adds it to the parameters
+        instead of running the wrapped optimizer's step."""
+        if self._squeeze.algorithm.output != MODEL_INCREMENT:
+            return _DistributedOptimizer.step(self, closure)
+        loss = closure() if closure is not None else None
+        if self._should_synchronize:
+            self.synchronize()
+        self._synchronized = False
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad)
+        return loss
+
     def _squeeze_result(self, name):
         def handle():
             averaged = self._squeeze.result(name)
@@ -62,14 +87,19 @@ class _SqueezeOptimizer(_DistributedOptimizer):
         """Bytes and timings of the last step on this rank (``None`` before the first step)."""
         return self._squeeze.last_stats
 
-    def residual_norms(self) -> dict[str, tuple[float, float]]:
-        """Per parameter name: (worker residual norm, norm of this rank's server residual)."""
-        return self._squeeze.residual_norms()
+    @property
+    def squeeze_engine(self) -> SqueezeEngine:
+        return self._squeeze
+
+    def state_norms(self) -> dict[str, dict[str, float]]:
+        """Per parameter name: the norm of each of this rank's algorithm state tensors."""
+        return self._squeeze.state_norms()
 
     def state_dict(self):
-        """The wrapped optimizer's state plus the residuals; a collective: call it on every rank."""
+        """The wrapped optimizer's state plus every rank's algorithm state; a collective: call it
+        on every rank."""
         state = super(self.__class__, self).state_dict()
-        state["squeeze"] = squeeze_state.gather(self._squeeze)
+        state["squeeze"] = self._squeeze.gather_state()
         return state
 
     def load_state_dict(self, state_dict):
@@ -77,15 +107,15 @@ class _SqueezeOptimizer(_DistributedOptimizer):
         squeeze = state_dict.pop("squeeze", None)
         _DistributedOptimizer.load_state_dict(self, state_dict)
         if squeeze is not None:
-            squeeze_state.restore(self._squeeze, squeeze)
+            self._squeeze.restore_state(squeeze)
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None,
                          compression=Compression.none, backward_passes_per_step: int = 1,
                          op=hvd.Average, gradient_predivide_factor: float = 1.0,
-                         process_set=hvd.global_process_set, *, exchange: str = "sharded",
-                         bucket_cap_mb: float = 25.0, min_compress_numel: int = 1024,
-                         warmup_steps: int = 0, log_every: int = 0):
+                         process_set=hvd.global_process_set, *, exchange="sharded",
+                         bucket_cap_mb=25.0, min_compress_numel=1024, warmup_steps=0,
+                         log_every=0):
     """Wraps ``optimizer`` so gradients are averaged through a compressed, error-compensated exchange.
 
     Arguments are Horovod's (``horovod.torch.DistributedOptimizer``), except:
@@ -94,12 +124,10 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
       compression: an algorithm, e.g. ``hs.DoubleSqueeze(hs.ScaledSign())``,
         ``hs.ErrorFeedback(hs.TopK(0.01))`` or ``hs.NoFeedback(...)``. Horovod's own
         ``Compression.none`` / ``Compression.fp16`` give Horovod's optimizer unchanged.
-      exchange: ``"sharded"`` (default; alltoall + allgather, a server shard per rank),
-        ``"allgather"`` (one pass, replicated server) or ``"allreduce"`` (linear compressors).
-      bucket_cap_mb: gradients are fused into buckets of at most this size (float32 MB).
-      min_compress_numel: tensors with fewer entries are averaged uncompressed (biases, norms).
-      warmup_steps: number of initial steps averaged without compression.
-      log_every: rank 0 logs bytes and timings every this many steps (logger ``horovod_squeeze``).
+      exchange, bucket_cap_mb, min_compress_numel, warmup_steps, log_every: see
+        :class:`horovod_squeeze.plan.EngineOptions` (logs go to the ``horovod_squeeze`` logger).
+
+    The algorithm's state lives on the parameters' device (CUDA tensors ride Horovod's NCCL path).
 
     Example::
 
@@ -114,13 +142,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
             compression=hs.DoubleSqueeze(hs.ScaledSign()))
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
-    ``state_dict()`` gathers every rank's residuals (call it on all ranks, as
-    ``hvd.broadcast_optimizer_state`` does); ``load_state_dict`` restores them exactly at the same
-    world size and redistributes them, sums preserved, at another.
+    ``state_dict()`` gathers every rank's algorithm state (call it on all ranks, as
+    ``hvd.broadcast_optimizer_state`` does); ``load_state_dict`` restores it exactly at the same
+    world size and redistributes it, sums preserved, at another.
     """
     if isinstance(compression, Compressor):
-        raise TypeError(f"compression={compression!r} is a compressor; wrap it in an algorithm, "
-                        f"e.g. horovod_squeeze.DoubleSqueeze({compression!r})")
+        check_algorithm(compression)
     if not isinstance(compression, Algorithm):
         return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters,
                                         compression=compression,
@@ -137,6 +164,5 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
                {**_DistributedOptimizer.__dict__, **_SqueezeOptimizer.__dict__})
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
                gradient_predivide_factor, process_set,
-               dict(exchange=exchange, bucket_cap_mb=bucket_cap_mb,
-                    min_compress_numel=min_compress_numel, warmup_steps=warmup_steps,
-                    log_every=log_every))
+               vars(EngineOptions(exchange, bucket_cap_mb, min_compress_numel, warmup_steps,
+                                  log_every)))

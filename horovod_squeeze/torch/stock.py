@@ -27,22 +27,22 @@ __all__ = ["StockCompression", "stream_id"]
 
 
 class StockCompression:
-    """A Horovod ``Compressor`` (``compress``/``decompress``) with per-parameter residuals.
+    """A Horovod ``Compressor`` (``compress``/``decompress``) with per-parameter algorithm state.
 
     Args:
       algorithm: ``ErrorFeedback``, ``DoubleSqueeze`` (the server stage runs replicated on every
-        rank after the allreduce) or ``NoFeedback``, around a linear compressor.
+        rank after the allreduce) or ``NoFeedback``, around a linear worker compressor.
       named_parameters: the model's ``named_parameters()``; tensors are matched to names by
         identity with ``param.grad``, which is what Horovod's optimizer passes to the hook.
+
+    ``state[name]`` holds each parameter's named state (``algorithm.state()``), on its device.
     """
 
     def __init__(self, algorithm: Algorithm, named_parameters):
-        check_algorithm(algorithm, "horovod_squeeze.torch.DistributedOptimizer")
-        self.algorithm = algorithm
+        self.algorithm = check_algorithm(algorithm, "horovod_squeeze.torch.DistributedOptimizer")
         self._parameters = list(named_parameters)
         self._name_of_grad: dict[int, tuple[str, torch.nn.Parameter]] = {}
-        self.worker_residuals: dict[str, torch.Tensor] = {}
-        self.server_residuals: dict[str, torch.Tensor] = {}
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.steps: dict[str, int] = {}
 
     def _name(self, tensor: torch.Tensor) -> str:
@@ -58,25 +58,34 @@ class StockCompression:
                              "hvd.DistributedOptimizer")
         return name
 
+    def _state(self, name: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name not in self.state:
+            self.state[name] = {spec.name: torch.zeros_like(like) for spec in self.algorithm.state()}
+        return self.state[name]
+
+    def _keep(self, name: str, new_state: dict) -> None:
+        for key, value in new_state.items():
+            self.state[name][key].copy_(value)
+
     def compress(self, tensor: torch.Tensor):
         name = self._name(tensor)
         step = self.steps.get(name, 0)
         flat = tensor.detach().reshape(-1).to(torch.float32)
-        residual = self.worker_residuals.setdefault(name, torch.zeros_like(flat))
-        out = stock_worker_stage(codecs, self.algorithm, flat, residual, step=step, name=name)
-        if out.residual is not None:
-            residual.copy_(out.residual)
-        header, values = codecs.split_linear(self.algorithm.compressor, out.payload, flat.numel())
+        codec = codecs.on(flat.device)
+        out = stock_worker_stage(codec, self.algorithm, flat, self._state(name, flat), step=step,
+                                 name=name)
+        self._keep(name, out.state)
+        header, values = codec.split_linear(self.algorithm.worker, out.payload, flat.numel())
         return values, (name, step, header, tensor.shape, tensor.dtype)
 
     def decompress(self, values: torch.Tensor, ctx):
         name, step, header, shape, dtype = ctx
-        payload = codecs.join_linear(header, values)
-        mean = codecs.decompress(self.algorithm.compressor, payload, math.prod(shape), name=name)
-        residual = self.server_residuals.setdefault(name, torch.zeros_like(mean))
-        out = stock_server_stage(codecs, self.algorithm, mean, residual, step=step, name=name)
-        if out.residual is not None:
-            residual.copy_(out.residual)
+        numel = math.prod(shape)
+        codec = codecs.on(values.device)
+        payload = codec.join_linear(self.algorithm.worker, header, values, numel)
+        mean = codec.decompress(self.algorithm.worker, payload, numel, name=name)
+        out = stock_server_stage(codec, self.algorithm, mean, self._state(name, mean), step=step,
+                                 name=name)
+        self._keep(name, out.state)
         self.steps[name] = step + 1
         return out.decoded.reshape(shape).to(dtype)
-

@@ -1,0 +1,16 @@
+"""Error-compensated compression algorithms: one module per paper, one protocol for all.
+
+See :mod:`horovod_squeeze.algorithms.base` for the protocol (named state, a worker stage, a server
+stage, the output) and each module for its paper's update rule.
+"""
+from horovod_squeeze.algorithms.base import (
+    AVERAGED_GRADIENT, GRADIENT, MODEL, MODEL_INCREMENT, SERVER, WORKER, Algorithm, ServerOut,
+    StageContext, StateSpec, WorkerOut, compensate, mean,
+)
+from horovod_squeeze.algorithms.double_squeeze import DoubleSqueeze
+from horovod_squeeze.algorithms.error_feedback import ErrorFeedback
+from horovod_squeeze.algorithms.no_feedback import NoFeedback
+
+__all__ = ["Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback", "StateSpec",
+           "StageContext", "WorkerOut", "ServerOut", "compensate", "mean", "WORKER", "SERVER",
+           "GRADIENT", "MODEL", "AVERAGED_GRADIENT", "MODEL_INCREMENT"]

@@ -1,0 +1,163 @@
+"""Algorithm state in checkpoints, for both frameworks: gathered whole, restored per rank.
+
+Each rank's state differs, and Horovod programs save from rank 0, so :func:`gather` (an exchange-
+style generator, run by :mod:`horovod_squeeze.driver` over the engine's collectives) collects every
+rank's state, and :func:`to_checkpoint` lays it out by parameter name::
+
+    {"version": 2, "step": 12, "world_size": 4, "algorithm": "DoubleSqueeze(...)",
+     "exchange": "sharded",
+     "state": {"worker_residual": {"placement": "worker", "units": "gradient",
+                                   "tensors": {"layer.weight": <[ranks, *shape]>, ...}},
+               "server_residual": {"placement": "server", "units": "gradient",
+                                   "tensors": {"layer.weight": <[*shape]>, ...}}}}
+
+Worker state stacks every rank's tensor; server state is the whole tensor, assembled from its
+shards. :func:`restore` hands a rank its part back: exactly at the same world size; at another,
+each rank's worker state becomes the old ranks' sum divided by the new count (so the sum is
+preserved, which keeps ``lr * sum`` unchanged under Horovod's convention of scaling the learning
+rate with the number of ranks) and server state is re-sharded. Arrays are NumPy here; each binding
+converts (``torch.Tensor`` in ``state_dict()``, a serialized snapshot in TensorFlow checkpoints).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+
+from horovod_squeeze.algorithms.base import WORKER
+from horovod_squeeze.exchange import Collective, Sharded
+from horovod_squeeze.plan import Plan
+
+__all__ = ["FORMAT_VERSION", "gather", "to_checkpoint", "restore", "serialize", "deserialize"]
+
+FORMAT_VERSION = 2
+
+
+def gather(plan: Plan, codec, state: dict):
+    """Generator: every rank's state, gathered (a collective: every rank must run it).
+
+    ``state`` maps bucket index to this rank's ``{name: tensor}``; returns
+    ``{bucket index: {name: tensor}}`` with worker state ``[ranks * numel]`` (rank-major) and server
+    state ``[numel]``.
+    """
+    xp = codec.xp
+    gathered = {}
+    for bucket in plan.buckets:
+        if not bucket.compressed:
+            continue
+        out = {}
+        for spec in plan.algorithm.state():
+            tensor = state[bucket.index][spec.name]
+            if spec.placement == WORKER:
+                out[spec.name] = yield Collective(
+                    "allgather", xp.slice(tensor, 0, bucket.numel), f"b{bucket.index}.{spec.name}")
+            elif isinstance(bucket.exchange, Sharded):
+                whole = yield Collective("allgather", tensor, f"b{bucket.index}.{spec.name}")
+                out[spec.name] = xp.slice(whole, 0, bucket.numel)
+            else:
+                out[spec.name] = xp.slice(tensor, 0, bucket.numel)
+        gathered[bucket.index] = out
+    return gathered
+
+
+def to_checkpoint(plan: Plan, gathered: dict, step: int) -> dict:
+    """The gathered state (NumPy arrays) by parameter name, with what it belongs to."""
+    state = {}
+    for spec in plan.algorithm.state():
+        tensors = {}
+        for bucket in plan.buckets:
+            if not bucket.compressed:
+                continue
+            flat = np.asarray(gathered[bucket.index][spec.name], np.float32)
+            rows = flat.reshape(plan.size, bucket.numel) if spec.placement == WORKER else flat
+            for name, shape, start, stop in bucket.spans():
+                leading = rows.shape[:-1]
+                tensors[name] = rows[..., start:stop].reshape(*leading, *shape).copy()
+        state[spec.name] = {"placement": spec.placement, "units": spec.units, "tensors": tensors}
+    return {"version": FORMAT_VERSION, "step": int(step), "world_size": plan.size,
+            "algorithm": repr(plan.algorithm), "exchange": plan.exchange.name, "state": state}
+
+
+def restore(plan: Plan, saved: dict, rank: int) -> tuple[int, dict]:
+    """``(step, {bucket index: {name: array}})``: this rank's state from a checkpoint, each array
+    of the live tensor's length (padding zero)."""
+    version = saved.get("version") if isinstance(saved, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"unsupported horovod_squeeze state version {version!r} "
+                         f"(this version reads {FORMAT_VERSION})")
+    old_size = int(saved["world_size"])
+    wanted = {spec.name: spec for spec in plan.algorithm.state()}
+    missing = sorted(set(wanted) - set(saved["state"]))
+    if missing:
+        raise ValueError(f"the checkpoint has no {missing} state for {plan.algorithm!r}: it was "
+                         f"saved by {saved['algorithm']}")
+    extra = sorted(set(saved["state"]) - set(wanted))
+    if extra:
+        warnings.warn(f"checkpoint state {extra} (from {saved['algorithm']}) is not used by "
+                      f"{plan.algorithm!r} and is dropped", stacklevel=3)
+    restored = {}
+    for bucket in plan.buckets:
+        layout = plan.state_layout(bucket)
+        if not layout:
+            continue
+        restored[bucket.index] = {}
+        for name, spec in wanted.items():
+            tensors = saved["state"][name]["tensors"]
+            absent = [n for n in bucket.names if n not in tensors]
+            if absent:
+                raise ValueError(f"the checkpoint's {name} state has no parameters {absent}")
+            live = np.zeros(layout[name], np.float32)
+            if spec.placement == WORKER:
+                stacked = np.concatenate([_check_shape(tensors[n], (old_size, *s), name, n)
+                                          .reshape(old_size, -1)
+                                          for n, s in zip(bucket.names, bucket.shapes)], axis=1)
+                live[:bucket.numel] = (stacked[rank] if old_size == plan.size
+                                       else stacked.sum(axis=0) / plan.size)
+            else:
+                whole = np.concatenate([_check_shape(tensors[n], s, name, n).reshape(-1)
+                                        for n, s in zip(bucket.names, bucket.shapes)])
+                start, stop = plan.state_span(bucket, spec, rank)
+                live[:stop - start] = whole[start:stop]
+            restored[bucket.index][name] = live
+    return int(saved["step"]), restored
+
+
+def serialize(checkpoint: dict) -> bytes:
+    """A checkpoint dict as bytes (NumPy's ``.npz``), for frameworks that store one blob."""
+    arrays = {"meta": np.array(repr({k: v for k, v in checkpoint.items() if k != "state"}))}
+    for name, entry in checkpoint["state"].items():
+        arrays[f"spec/{name}"] = np.array([entry["placement"], entry["units"]])
+        for param, array in entry["tensors"].items():
+            arrays[f"tensor/{name}/{param}"] = array
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def deserialize(blob: bytes) -> dict:
+    """Inverse of :func:`serialize`."""
+    import ast
+
+    with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
+        checkpoint = ast.literal_eval(str(arrays["meta"]))
+        checkpoint["state"] = {}
+        for key in arrays.files:
+            kind, _, rest = key.partition("/")
+            if kind == "spec":
+                placement, units = arrays[key].tolist()
+                checkpoint["state"].setdefault(rest, {"tensors": {}}).update(
+                    placement=placement, units=units)
+            elif kind == "tensor":
+                name, _, param = rest.partition("/")
+                checkpoint["state"].setdefault(name, {"tensors": {}})["tensors"][param] = arrays[key]
+    return checkpoint
+
+
+def _check_shape(array, shape, state_name: str, param: str) -> np.ndarray:
+    array = np.asarray(array, np.float32)
+    if array.shape != tuple(shape):
+        raise ValueError(f"the checkpoint's {state_name} of {param!r} has shape {array.shape}, "
+                         f"expected {tuple(shape)}")
+    return array
+
