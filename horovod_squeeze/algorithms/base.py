@@ -109,7 +109,7 @@ def mean(pieces: Sequence[Tensor]) -> Tensor:
     return total / len(pieces)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Algorithm:
     """Base of the algorithm specs: a compressor per pass, named state, two stages.
 

@@ -28,7 +28,7 @@ from horovod_squeeze.algorithms.base import (
 __all__ = ["DoubleSqueeze"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class DoubleSqueeze(Algorithm):
     """Worker and server residuals: both passes compressed, neither loses what compression drops."""
 

@@ -27,7 +27,7 @@ from horovod_squeeze.algorithms.base import (
 __all__ = ["ErrorFeedback"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class ErrorFeedback(Algorithm):
     """A worker residual only; the average comes back exactly unless a server compressor is named."""
 

@@ -24,7 +24,7 @@ from horovod_squeeze.algorithms.base import Algorithm, ServerOut, WorkerOut, com
 __all__ = ["NoFeedback"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class NoFeedback(Algorithm):
     """No residuals: what compression drops is lost."""
 
