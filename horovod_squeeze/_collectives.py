@@ -5,7 +5,12 @@ Everything crosses ranks through Horovod: nothing in horovod_squeeze opens a con
 """
 from __future__ import annotations
 
+import itertools
+
 OPS = ("alltoall", "allgather", "allreduce_average")
+
+# One count per process: every rank creates its engines in the same order, so the same names.
+_scopes = itertools.count()
 
 
 class ProcessSetCollectives:
@@ -23,6 +28,10 @@ class ProcessSetCollectives:
     @property
     def size(self) -> int:
         return self.process_set.size()
+
+    def new_scope(self) -> str:
+        """A name prefix for one engine's collectives, distinct within the process."""
+        return f"squeeze{next(_scopes)}"
 
     def launch(self, op: str, tensor, name: str):
         """Starts collective ``op`` (one of :data:`OPS`); returns what :meth:`wait` takes."""

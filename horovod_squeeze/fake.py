@@ -43,6 +43,7 @@ class FakeWorld:
         self.size, self.timeout = size, timeout
         self._lock = threading.Condition()
         self._calls: dict[str, dict] = {}
+        self._scopes = [0] * size
 
     def collectives(self, rank: int) -> "FakeCollectives":
         return FakeCollectives(self, rank)
@@ -112,6 +113,13 @@ class FakeCollectives:
     def __init__(self, world: FakeWorld, rank: int):
         self._world, self.rank, self.size = world, rank, world.size
         self._uses: dict[str, int] = {}
+
+    def new_scope(self) -> str:
+        """A name prefix for one engine's collectives (counted per simulated rank, as each
+        process counts its own)."""
+        scope = self._world._scopes[self.rank]
+        self._world._scopes[self.rank] += 1
+        return f"squeeze{scope}"
 
     def launch(self, op: str, tensor, name: str):
         if op not in OPS:

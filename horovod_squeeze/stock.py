@@ -9,13 +9,14 @@ and any server compressor works. The framework classes (``horovod_squeeze.torch.
 """
 from __future__ import annotations
 
+import math
 import zlib
 
-from horovod_squeeze.algorithms.base import Algorithm, ServerOut, StageContext, WorkerOut
+from horovod_squeeze.algorithms.base import Algorithm, StageContext
 from horovod_squeeze.exchange import PASS1, PASS2, stage_nonce
 from horovod_squeeze.plan import check_algorithm as check_is_algorithm
 
-__all__ = ["stream_id", "check_algorithm", "stock_worker_stage", "stock_server_stage"]
+__all__ = ["stream_id", "check_algorithm", "stock_compress", "stock_decompress"]
 
 
 def stream_id(name: str) -> int:
@@ -35,15 +36,31 @@ def check_algorithm(algorithm, compressed_wrapper: str) -> Algorithm:
     return algorithm
 
 
-def stock_worker_stage(codec, algorithm: Algorithm, flat, state: dict, *, step,
-                       name: str) -> WorkerOut:
-    """Before the allreduce: the worker stage on the tensor's shared stream."""
-    return algorithm.worker_stage(
+def stock_compress(codec, algorithm: Algorithm, flat, state: dict, *, step, name: str):
+    """Before the allreduce: the worker stage on the tensor's shared stream.
+
+    Returns ``(header, values, new_state)``: the values Horovod averages, and the payload's header
+    (RandK's stream key), which never travels because every rank computes the same one.
+    """
+    sent = algorithm.worker_stage(
         codec, flat, state, StageContext(stage_nonce(step, stream_id(name), 0, PASS1), name, step))
+    header, values = codec.split_linear(algorithm.worker, sent.payload, _numel(flat))
+    return header, values, sent.state
 
 
-def stock_server_stage(codec, algorithm: Algorithm, mean, state: dict, *, step,
-                       name: str) -> ServerOut:
-    """After the allreduce, on every rank: the server stage on the averaged tensor."""
-    return algorithm.server_stage(
-        codec, [mean], state, StageContext(stage_nonce(step, stream_id(name), 0, PASS2), name, step))
+def stock_decompress(codec, algorithm: Algorithm, header, values, state: dict, *, step,
+                     name: str, numel: int):
+    """After the allreduce, on every rank: decode the average and run the server stage on it.
+
+    Returns ``(decoded, new_state)``.
+    """
+    payload = codec.join_linear(algorithm.worker, header, values, numel)
+    average = codec.decompress(algorithm.worker, payload, numel, name=name)
+    served = algorithm.server_stage(
+        codec, [average], state, StageContext(stage_nonce(step, stream_id(name), 0, PASS2), name,
+                                              step))
+    return served.decoded, served.state
+
+
+def _numel(x) -> int:
+    return math.prod(int(d) for d in x.shape)

@@ -8,30 +8,26 @@ being traced) and reused on every later call and retrace.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 
 from horovod_squeeze.algorithms import Algorithm
+from horovod_squeeze.plan import EngineOptions
 from horovod_squeeze.tensorflow.collectives import HorovodCollectives
 from horovod_squeeze.tensorflow.engine import SqueezeEngine
 
-__all__ = ["SqueezeGradients", "engine_options"]
-
-
-def engine_options(exchange="sharded", bucket_cap_mb=25.0, min_compress_numel=1024,
-                   warmup_steps=0, log_every=0, checkpoint_residuals=True) -> dict:
-    """The engine keywords the public wrappers accept, with their defaults."""
-    return dict(exchange=exchange, bucket_cap_mb=bucket_cap_mb,
-                min_compress_numel=min_compress_numel, warmup_steps=warmup_steps,
-                log_every=log_every, checkpoint_residuals=checkpoint_residuals)
+__all__ = ["SqueezeGradients"]
 
 
 class SqueezeGradients:
     """``(grads, vars) -> averaged grads`` through a compressed exchange (Horovod's signature)."""
 
     def __init__(self, algorithm: Algorithm, *, op_is_sum: bool, gradient_predivide_factor: float,
-                 process_set, options: dict, on_build=None):
+                 process_set, options: EngineOptions, on_build=None, learning_rate=None):
         self.algorithm = algorithm
         self.options = options
+        self.learning_rate = learning_rate
         self.collectives = HorovodCollectives(process_set)
         # Average is what the algorithms compute; Sum is the same times the number of ranks.
         self.prescale = 1.0 / gradient_predivide_factor
@@ -57,7 +53,10 @@ class SqueezeGradients:
         if key not in self.engines:
             with tf.init_scope():  # variables and callbacks' actions run eagerly, once
                 engine = SqueezeEngine(self.algorithm, _named_shapes(variables),
-                                       collectives=self.collectives, **self.options)
+                                       collectives=self.collectives,
+                                       device=variables[0].device if variables else None,
+                                       learning_rate=self.learning_rate,
+                                       **dataclasses.asdict(self.options))
                 self.engines[key] = engine
                 self._compiled[key] = tf.function(engine.__call__, autograph=False)
                 if self.on_build is not None:

@@ -18,35 +18,35 @@ from __future__ import annotations
 import tensorflow as tf
 
 from horovod_squeeze.algorithms import Algorithm
-from horovod_squeeze.stock import (
-    check_algorithm, stock_server_stage, stock_worker_stage, stream_id,
-)
+from horovod_squeeze.stock import check_algorithm, stock_compress, stock_decompress, stream_id
 from horovod_squeeze.tensorflow import codecs
 
 __all__ = ["StockCompression", "stream_id"]
 
 
 class StockCompression:
-    """A Horovod ``Compressor`` (``compress``/``decompress``) with per-variable residuals.
+    """A Horovod ``Compressor`` (``compress``/``decompress``) with per-variable algorithm state.
 
     Args:
       algorithm: ``ErrorFeedback``, ``DoubleSqueeze`` (the server stage runs replicated on every
-        rank after the allreduce) or ``NoFeedback``, around a linear compressor.
+        rank after the allreduce) or ``NoFeedback``, around a linear worker compressor.
       variables: the variables whose gradients Horovod will average, in the order it sees them
         (``model.trainable_variables``).
+
+    ``state[i]`` holds variable i's named state (``algorithm.state()``) as ``tf.Variable``\\ s.
     """
 
     def __init__(self, algorithm: Algorithm, variables):
-        check_algorithm(algorithm, "horovod_squeeze.tensorflow.DistributedGradientTape")
-        self.algorithm = algorithm
+        self.algorithm = check_algorithm(algorithm,
+                                         "horovod_squeeze.tensorflow.DistributedGradientTape")
         self.variables = list(variables)
         if not self.variables:
             raise ValueError("StockCompression needs the variables whose gradients it compresses")
         with tf.init_scope():
-            numels = [v.shape.num_elements() for v in self.variables]
-            self.worker_residuals = [tf.Variable(tf.zeros([n]), trainable=False) for n in numels]
-            self.server_residuals = [tf.Variable(tf.zeros([n]), trainable=False) for n in numels]
-            self.steps = [tf.Variable(0, dtype=tf.int64, trainable=False) for _ in numels]
+            self.state = [{spec.name: tf.Variable(tf.zeros([v.shape.num_elements()]),
+                                                  trainable=False)
+                           for spec in algorithm.state()} for v in self.variables]
+            self.steps = [tf.Variable(0, dtype=tf.int64, trainable=False) for _ in self.variables]
         self._next = 0
 
     def _index(self, tensor) -> int:
@@ -59,28 +59,25 @@ class StockCompression:
         raise ValueError(f"StockCompression got a gradient of shape {tensor.shape} that matches "
                          "none of its variables; pass the variables Horovod averages")
 
+    def _keep(self, i: int, new_state: dict) -> None:
+        for key, value in new_state.items():
+            self.state[i][key].assign(value)
+
     def compress(self, tensor):
         i = self._index(tensor)
-        name = self.variables[i].name
-        flat = tf.reshape(tf.cast(tensor, tf.float32), [-1])
         step = tf.identity(self.steps[i])
-        out = stock_worker_stage(codecs, self.algorithm, flat, self.worker_residuals[i],
-                                 step=step, name=name)
-        if out.residual is not None:
-            self.worker_residuals[i].assign(out.residual)
-        header, values = codecs.split_linear(self.algorithm.compressor, out.payload,
-                                             flat.shape[0])
+        flat = tf.reshape(tf.cast(tensor, tf.float32), [-1])
+        header, values, new_state = stock_compress(codecs.on(), self.algorithm, flat,
+                                                   dict(self.state[i]), step=step,
+                                                   name=self.variables[i].name)
+        self._keep(i, new_state)
         return values, (i, step, header, tensor.shape, tensor.dtype)
 
     def decompress(self, values, ctx):
         i, step, header, shape, dtype = ctx
-        name = self.variables[i].name
-        payload = codecs.join_linear(header, tf.reshape(values, [-1]))
-        mean = codecs.decompress(self.algorithm.compressor, payload, shape.num_elements(),
-                                 name=name)
-        out = stock_server_stage(codecs, self.algorithm, mean, self.server_residuals[i],
-                                 step=step, name=name)
-        if out.residual is not None:
-            self.server_residuals[i].assign(out.residual)
+        decoded, new_state = stock_decompress(
+            codecs.on(), self.algorithm, header, tf.reshape(values, [-1]), dict(self.state[i]),
+            step=step, name=self.variables[i].name, numel=shape.num_elements())
+        self._keep(i, new_state)
         self.steps[i].assign_add(1)
-        return tf.cast(tf.reshape(out.decoded, shape), dtype)
+        return tf.cast(tf.reshape(decoded, shape), dtype)

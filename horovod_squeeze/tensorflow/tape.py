@@ -11,7 +11,8 @@ from horovod.tensorflow.compression import Compression
 
 from horovod_squeeze.algorithms import Algorithm
 from horovod_squeeze.compressors import Compressor
-from horovod_squeeze.tensorflow.gradients import SqueezeGradients, engine_options
+from horovod_squeeze.plan import EngineOptions, check_algorithm
+from horovod_squeeze.tensorflow.gradients import SqueezeGradients
 
 __all__ = ["DistributedGradientTape"]
 
@@ -23,7 +24,7 @@ def DistributedGradientTape(gradtape, device_dense="", device_sparse="",
                             gradient_predivide_factor=1.0, num_groups=0, groups=None,
                             process_set=hvd.global_process_set, scale_local_gradients=True, *,
                             exchange="sharded", bucket_cap_mb=25.0, min_compress_numel=1024,
-                            warmup_steps=0, log_every=0, checkpoint_residuals=True):
+                            warmup_steps=0, log_every=0):
     """Wraps ``gradtape`` so ``gradient()`` averages through a compressed, error-compensated exchange.
 
     Arguments are Horovod's (``horovod.tensorflow.DistributedGradientTape``), except:
@@ -32,14 +33,15 @@ def DistributedGradientTape(gradtape, device_dense="", device_sparse="",
       compression: an algorithm, e.g. ``hs.DoubleSqueeze(hs.ScaledSign())``. Horovod's own
         ``Compression.none`` / ``Compression.fp16`` (or :class:`StockCompression`) give Horovod's
         tape unchanged.
-      exchange, bucket_cap_mb, min_compress_numel, warmup_steps, log_every: as in
-        :func:`horovod_squeeze.torch.DistributedOptimizer`.
-      checkpoint_residuals: keep a gathered copy of the residuals for checkpoints (see
-        :mod:`horovod_squeeze.tensorflow.state`).
+      exchange, bucket_cap_mb, min_compress_numel, warmup_steps, log_every: see
+        :class:`horovod_squeeze.plan.EngineOptions`.
+
+    For an algorithm whose output is a model increment, ``gradient()`` returns the increments to
+    add to the variables (``v.assign_add(increment)``) instead of averaged gradients.
 
     The returned tape also has ``squeeze``: the
     :class:`~horovod_squeeze.tensorflow.gradients.SqueezeGradients` shared by every tape of this
-    configuration; its ``engine`` has ``last_stats``, ``residual_norms()`` and the residuals.
+    configuration; its ``engine`` has ``last_stats``, ``state_norms()`` and the algorithm's ``state``.
 
     Example::
 
@@ -56,8 +58,7 @@ def DistributedGradientTape(gradtape, device_dense="", device_sparse="",
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
     """
     if isinstance(compression, Compressor):
-        raise TypeError(f"compression={compression!r} is a compressor; wrap it in an algorithm, "
-                        f"e.g. horovod_squeeze.DoubleSqueeze({compression!r})")
+        check_algorithm(compression)
     if not isinstance(compression, Algorithm):
         return hvd.DistributedGradientTape(
             gradtape, device_dense, device_sparse, compression, sparse_as_dense, op,
@@ -67,10 +68,8 @@ def DistributedGradientTape(gradtape, device_dense="", device_sparse="",
         gradtape, device_dense, device_sparse, Compression.none, sparse_as_dense, op,
         gradient_predivide_factor, process_set=process_set,
         scale_local_gradients=scale_local_gradients)
-    options = engine_options(exchange, bucket_cap_mb, min_compress_numel, warmup_steps, log_every,
-                             checkpoint_residuals)
-    key = (compression, op, gradient_predivide_factor, process_set.process_set_id,
-           tuple(sorted(options.items())))
+    options = EngineOptions(exchange, bucket_cap_mb, min_compress_numel, warmup_steps, log_every)
+    key = (compression, op, gradient_predivide_factor, process_set.process_set_id, options)
     if key not in _cached_gradients:
         _cached_gradients[key] = SqueezeGradients(
             compression, op_is_sum=op == hvd.Sum,

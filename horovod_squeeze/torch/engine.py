@@ -12,9 +12,8 @@ import logging
 
 import torch
 
-from horovod_squeeze import checkpoint
 from horovod_squeeze.algorithms.base import Algorithm
-from horovod_squeeze.driver import InFlight, run_to_end
+from horovod_squeeze.driver import InFlight
 from horovod_squeeze.exchange import PassBytes
 from horovod_squeeze.plan import EngineOptions, Plan
 from horovod_squeeze.telemetry import StepStats, state_norms
@@ -35,6 +34,7 @@ class SqueezeEngine:
     ``device`` and moved to the gradients' device if they arrive elsewhere.
 
     Statistics: ``last_stats`` (bytes and timings of the last step), :meth:`state_norms`.
+    Checkpoints: :mod:`horovod_squeeze.torch.state`.
     """
 
     def __init__(self, algorithm: Algorithm, named_shapes, *, collectives, device=None,
@@ -42,6 +42,7 @@ class SqueezeEngine:
         self.plan = Plan(algorithm, named_shapes, collectives.size, EngineOptions(**options),
                          stacklevel=3)
         self.comm = collectives
+        self._scope = collectives.new_scope()
         self.learning_rate = learning_rate  # a callable giving the optimizer's, or None
         self.step = 0
         device = torch.device("cpu" if device is None else device)
@@ -88,7 +89,7 @@ class SqueezeEngine:
         steps = self.plan.run(codecs.on(flat.device), bucket, flat, state, step=self.step,
                               rank=self.comm.rank, warm=self.step < self.plan.options.warmup_steps,
                               learning_rate=rate)
-        self._flights.append((bucket, InFlight(self.comm, steps, f"squeeze.b{bucket.index}")))
+        self._flights.append((bucket, InFlight(self.comm, steps, f"{self._scope}.b{bucket.index}")))
 
     def _state_on(self, bucket, device: torch.device) -> dict:
         state = self.state[bucket.index]
@@ -136,33 +137,6 @@ class SqueezeEngine:
         for bucket_state in self.state.values():
             for name in self.plan.gradient_state():
                 bucket_state[name].mul_(factor)
-
-    def gather_state(self) -> dict:
-        """Every rank's state by parameter name (:mod:`horovod_squeeze.checkpoint`'s format, with
-        torch tensors); a collective: call it on every rank."""
-        device = next((t.device for s in self.state.values() for t in s.values()),
-                      torch.device("cpu"))
-        gathered = run_to_end(self.comm, checkpoint.gather(self.plan, codecs.on(device),
-                                                           self.state), "squeeze.state")
-        numpy = {i: {n: t.cpu().numpy() for n, t in s.items()} for i, s in gathered.items()}
-        saved = checkpoint.to_checkpoint(self.plan, numpy, self.step)
-        for entry in saved["state"].values():
-            entry["tensors"] = {n: torch.from_numpy(a) for n, a in entry["tensors"].items()}
-        return saved
-
-    def restore_state(self, saved: dict) -> None:
-        """This rank's part of :meth:`gather_state`'s dict: exact at the same world size,
-        re-sharded (sums preserved) at another."""
-        as_numpy = {**saved, "state": {
-            name: {**entry, "tensors": {n: t.cpu().numpy() if isinstance(t, torch.Tensor) else t
-                                        for n, t in entry["tensors"].items()}}
-            for name, entry in saved.get("state", {}).items()}} if isinstance(saved, dict) else saved
-        step, restored = checkpoint.restore(self.plan, as_numpy, self.comm.rank)
-        for index, tensors in restored.items():
-            for name, array in tensors.items():
-                live = self.state[index][name]
-                live.copy_(torch.from_numpy(array).to(live.device))
-        self.step = step
 
     def _numpy_state(self) -> dict:
         return {i: {n: t.cpu().numpy() for n, t in s.items()} for i, s in self.state.items()}

@@ -18,6 +18,7 @@ from horovod_squeeze.algorithms import MODEL_INCREMENT, Algorithm
 from horovod_squeeze.compressors import Compressor
 from horovod_squeeze.plan import EngineOptions, check_algorithm
 from horovod_squeeze.torch.collectives import HorovodCollectives
+from horovod_squeeze.torch import state as squeeze_state
 from horovod_squeeze.torch.engine import SqueezeEngine, StepStats
 
 __all__ = ["DistributedOptimizer"]
@@ -99,7 +100,7 @@ class _SqueezeOptimizer(_DistributedOptimizer):
         """The wrapped optimizer's state plus every rank's algorithm state; a collective: call it
         on every rank."""
         state = super(self.__class__, self).state_dict()
-        state["squeeze"] = self._squeeze.gather_state()
+        state["squeeze"] = squeeze_state.gather(self._squeeze)
         return state
 
     def load_state_dict(self, state_dict):
@@ -107,7 +108,7 @@ class _SqueezeOptimizer(_DistributedOptimizer):
         squeeze = state_dict.pop("squeeze", None)
         _DistributedOptimizer.load_state_dict(self, state_dict)
         if squeeze is not None:
-            self._squeeze.restore_state(squeeze)
+            squeeze_state.restore(self._squeeze, squeeze)
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None,

@@ -18,9 +18,7 @@ import math
 import torch
 
 from horovod_squeeze.algorithms import Algorithm
-from horovod_squeeze.stock import (
-    check_algorithm, stock_server_stage, stock_worker_stage, stream_id,
-)
+from horovod_squeeze.stock import check_algorithm, stock_compress, stock_decompress, stream_id
 from horovod_squeeze.torch import codecs
 
 __all__ = ["StockCompression", "stream_id"]
@@ -71,21 +69,16 @@ class StockCompression:
         name = self._name(tensor)
         step = self.steps.get(name, 0)
         flat = tensor.detach().reshape(-1).to(torch.float32)
-        codec = codecs.on(flat.device)
-        out = stock_worker_stage(codec, self.algorithm, flat, self._state(name, flat), step=step,
-                                 name=name)
-        self._keep(name, out.state)
-        header, values = codec.split_linear(self.algorithm.worker, out.payload, flat.numel())
+        header, values, new_state = stock_compress(codecs.on(flat.device), self.algorithm, flat,
+                                                   self._state(name, flat), step=step, name=name)
+        self._keep(name, new_state)
         return values, (name, step, header, tensor.shape, tensor.dtype)
 
     def decompress(self, values: torch.Tensor, ctx):
         name, step, header, shape, dtype = ctx
-        numel = math.prod(shape)
-        codec = codecs.on(values.device)
-        payload = codec.join_linear(self.algorithm.worker, header, values, numel)
-        mean = codec.decompress(self.algorithm.worker, payload, numel, name=name)
-        out = stock_server_stage(codec, self.algorithm, mean, self._state(name, mean), step=step,
-                                 name=name)
-        self._keep(name, out.state)
+        decoded, new_state = stock_decompress(
+            codecs.on(values.device), self.algorithm, header, values,
+            self.state[name], step=step, name=name, numel=math.prod(shape))
+        self._keep(name, new_state)
         self.steps[name] = step + 1
-        return out.decoded.reshape(shape).to(dtype)
+        return decoded.reshape(shape).to(dtype)

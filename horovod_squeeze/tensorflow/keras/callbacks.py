@@ -105,7 +105,8 @@ class CompressionStatsCallback(Callback):
     """Adds bytes per step, the ratio to fp32 allreduce and residual norms to the Keras logs.
 
     Batch logs get ``squeeze_bytes`` and ``squeeze_ratio``; epoch logs also get
-    ``squeeze_worker_residual_norm`` and ``squeeze_server_residual_norm`` (this rank's, over all
+    ``squeeze_<state>_norm`` for each of the algorithm's named state (for DoubleSqueeze
+    ``squeeze_worker_residual_norm`` and ``squeeze_server_residual_norm``; this rank's, over all
     variables). With ``log_dir``, rank 0 also writes them to TensorBoard. Put it before
     ``TensorBoard`` and ``ProgbarLogger`` callbacks so they see the values.
     """
@@ -138,13 +139,17 @@ class CompressionStatsCallback(Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = {} if logs is None else logs
         stats = self._stats(logs)
-        norms = self.model.optimizer.residual_norms()
-        logs["squeeze_worker_residual_norm"] = float(np.sqrt(sum(w * w for w, _ in norms.values())))
-        logs["squeeze_server_residual_norm"] = float(np.sqrt(sum(s * s for _, s in norms.values())))
+        squares: dict[str, float] = {}
+        for per_state in self.model.optimizer.state_norms().values():
+            for name, norm in per_state.items():
+                squares[name] = squares.get(name, 0.0) + norm * norm
+        keys = ["squeeze_bytes", "squeeze_ratio"]
+        for name, square in squares.items():
+            logs[f"squeeze_{name}_norm"] = float(np.sqrt(square))
+            keys.append(f"squeeze_{name}_norm")
         if self._writer is not None and stats is not None:
             with self._writer.as_default(step=epoch):
-                for key in ("squeeze_bytes", "squeeze_ratio", "squeeze_worker_residual_norm",
-                            "squeeze_server_residual_norm"):
+                for key in keys:
                     tf.summary.scalar(key, logs[key])
             self._writer.flush()
 
@@ -183,7 +188,8 @@ class ResidualRescaleCallback(Callback):
     """Keeps residuals worth the same update when the learning rate changes.
 
     Residuals hold gradient not yet applied, in gradient units; when the learning rate moves from
-    ``a`` to ``b``, they are scaled by ``a / b`` so that ``lr * residual`` is unchanged. Checks
+    ``a`` to ``b``, the algorithm's state in gradient units is scaled by ``a / b`` so that
+    ``lr * residual`` is unchanged. Checks
     before every batch, so it sees changes made by ``LearningRateScheduler`` (epoch begin, put this
     after it) and by learning-rate schedules (per step).
     """
@@ -210,7 +216,7 @@ class ResidualRescaleCallback(Callback):
             if rate <= 0:
                 raise ValueError(f"learning rate became {rate}: residuals in gradient units "
                                  "cannot be rescaled to it")
-            engine.scale_residuals(self._last / rate)
+            engine.scale_state_(self._last / rate)
         self._last = rate
 
 

@@ -12,10 +12,11 @@ import horovod.tensorflow as hvd
 import horovod.tensorflow.keras as hvd_keras
 from horovod.tensorflow.compression import Compression
 
-from horovod_squeeze.algorithms import Algorithm
+from horovod_squeeze.algorithms import MODEL_INCREMENT, Algorithm
 from horovod_squeeze.compressors import Compressor
+from horovod_squeeze.plan import EngineOptions, check_algorithm
 from horovod_squeeze.telemetry import StepStats
-from horovod_squeeze.tensorflow.gradients import SqueezeGradients, engine_options
+from horovod_squeeze.tensorflow.gradients import SqueezeGradients
 from horovod_squeeze.tensorflow.tape import _check_horovod_options
 
 __all__ = ["DistributedOptimizer"]
@@ -39,10 +40,10 @@ class _SqueezeOptimizer:
         engine = self._squeeze.engine
         return None if engine is None else engine.last_stats
 
-    def residual_norms(self) -> dict[str, tuple[float, float]]:
-        """Per variable name: (worker residual norm, norm of this rank's server residual)."""
+    def state_norms(self) -> dict[str, dict[str, float]]:
+        """Per variable name: the norm of each of this rank's algorithm state tensors."""
         engine = self._squeeze.engine
-        return {} if engine is None else engine.residual_norms()
+        return {} if engine is None else engine.state_norms()
 
 
 def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse="",
@@ -51,8 +52,7 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
                          backward_passes_per_step=1, average_aggregated_gradients=False,
                          num_groups=0, groups=None, process_set=hvd.global_process_set,
                          scale_local_gradients=True, *, exchange="sharded", bucket_cap_mb=25.0,
-                         min_compress_numel=1024, warmup_steps=0, log_every=0,
-                         checkpoint_residuals=True):
+                         min_compress_numel=1024, warmup_steps=0, log_every=0):
     """Wraps a ``tf_keras`` optimizer so gradients average through a compressed exchange.
 
     Arguments are Horovod's (``horovod.tensorflow.keras.DistributedOptimizer``), except
@@ -74,11 +74,15 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
                                    hsk.callbacks.MetricAverageCallback()])
     """
     if isinstance(compression, Compressor):
-        raise TypeError(f"compression={compression!r} is a compressor; wrap it in an algorithm, "
-                        f"e.g. horovod_squeeze.DoubleSqueeze({compression!r})")
+        check_algorithm(compression)
     compressed = isinstance(compression, Algorithm)
     if compressed:
         _check_horovod_options(op, gradient_predivide_factor, num_groups, groups)
+        if compression.output == MODEL_INCREMENT:
+            raise NotImplementedError(
+                f"{compression!r} outputs a model increment, which the Keras optimizer does not "
+                "apply yet; use horovod_squeeze.tensorflow.DistributedGradientTape and add the "
+                "increments to the variables")
     distributed = hvd_keras.DistributedOptimizer(
         optimizer, name=name, device_dense=device_dense, device_sparse=device_sparse,
         compression=Compression.none if compressed else compression,
@@ -95,8 +99,8 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
     squeeze = SqueezeGradients(
         compression, op_is_sum=op == hvd.Sum, gradient_predivide_factor=gradient_predivide_factor,
         process_set=process_set,
-        options=engine_options(exchange, bucket_cap_mb, min_compress_numel, warmup_steps,
-                               log_every, checkpoint_residuals),
+        options=EngineOptions(exchange, bucket_cap_mb, min_compress_numel, warmup_steps,
+                              log_every),
         on_build=track)
     distributed._squeeze = squeeze
     distributed._allreduce_grads = squeeze
