@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import horovod_squeeze as hs
-from horovod_squeeze.exchange import PassBytes, fp32_allreduce_bytes, pass_bytes
+from horovod_squeeze.exchange import PassBytes, fp32_allreduce_bytes, make_exchange
 from horovod_squeeze.reference.simulate import init_state, simulate_step
 from horovod_squeeze.testing import run_on_ranks
 from simulation_cases import (
@@ -26,15 +26,14 @@ def _gradients(rank, step):
 
 
 def _snapshot(engine, names):
-    return {"worker": {b.index: engine.worker_residuals[b.index].numpy().copy()
-                       for b in engine.buckets},
-            "server": {b.index: engine.server_residuals[b.index].numpy().copy()
-                       for b in engine.buckets},
+    return {"state": {i: {n: v.numpy().copy() for n, v in s.items()}
+                      for i, s in engine.state.items()},
             "stats": engine.last_stats}
 
 
 def _buckets(engine):
-    return [(b.index, [n.split(":")[0] for n in b.names], b.exchange, b.numel)
+    return [(b.index, [n.split(":")[0] for n in b.names],
+             b.exchange.name if b.compressed else "uncompressed", b.numel)
             for b in engine.buckets]
 
 
@@ -152,7 +151,7 @@ def _check(config, results, num_proc, mode):
                     assert_close(got["weights"][name], weights[name],
                                  f"rank {rank} step {step} weights {name}")
         converted = [{"buckets": r["buckets"],
-                      "steps": [{"applied": w["applied"], **{k: s[k] for k in ("worker", "server")}}
+                      "steps": [{"applied": w["applied"], "state": s["state"]}
                                 for s, w in zip(r["steps"], simulated)]} for r in results]
         check_against_simulation(config, converted, num_proc)
     else:
@@ -197,7 +196,7 @@ def test_telemetry_bytes_equal_the_wire_format():
             ring = fp32_allreduce_bytes(numel, num_proc)
             expected += PassBytes(ring, ring, 0, 0)
         else:
-            expected += pass_bytes(config["compression"].compressor, kind, numel, num_proc)
+            expected += make_exchange(kind).pass_bytes(config["compression"], numel, num_proc)
     total = sum(numel for *_, numel in result["buckets"])
     for step, record in enumerate(result["steps"]):
         assert record["stats"].step == step
@@ -271,7 +270,8 @@ def test_stock_horovod_path_matches_simulation(algorithm, keras):
     num_proc = 2
     body = _stock_keras_steps if keras else _stock_steps
     results = run_on_ranks(body, num_proc, "gloo", args=(algorithm,), timeout=120)
-    states = {n: init_state(int(np.prod(s)), num_proc, "allreduce") for n, s in SHAPES.items()}
+    states = {n: init_state(algorithm, "allreduce", int(np.prod(s)), num_proc)
+              for n, s in SHAPES.items()}
     for step in range(STEPS):
         for name in SHAPES:
             grads = [gradient(name, r, step).reshape(-1) for r in range(num_proc)]
@@ -366,7 +366,7 @@ def _keras_training(epochs, checkpoint_dir, resume_at=None):
         model.load_weights(os.path.join(checkpoint_dir, f"epoch{resume_at}"))
         restored = fit(model, resume_at, epochs, save=False)
     return {"restored": restored, "weights": [w.copy() for w in model.get_weights()],
-            "residual_norms": model.optimizer.residual_norms()}
+            "state_norms": model.optimizer.state_norms()}
 
 
 def test_keras_checkpoint_resumes_identically(tmp_path):
@@ -375,12 +375,20 @@ def test_keras_checkpoint_resumes_identically(tmp_path):
                            kwargs={"resume_at": 2}, timeout=180)
     for rank in range(2):
         assert resumed[rank]["restored"] and not uninterrupted[rank]["restored"]
-        assert any(w > 0 for w, _ in resumed[rank]["residual_norms"].values())
+        assert any(n["worker_residual"] > 0 for n in resumed[rank]["state_norms"].values())
         for got, want in zip(resumed[rank]["weights"], uninterrupted[rank]["weights"]):
             np.testing.assert_array_equal(got, want)
         # Layer names differ between the two models; the residuals, in order, do not.
-        assert (list(resumed[rank]["residual_norms"].values())
-                == list(uninterrupted[rank]["residual_norms"].values()))
+        assert (list(resumed[rank]["state_norms"].values())
+                == list(uninterrupted[rank]["state_norms"].values()))
+
+
+def _worker_residual(engine):
+    return engine.state[0]["worker_residual"].numpy().copy()
+
+
+def _all_state(engine):
+    return [v.numpy().copy() for s in engine.state.values() for v in s.values()]
 
 
 def _callbacks_body(log_dir):
@@ -404,11 +412,11 @@ def _callbacks_body(log_dir):
         def on_epoch_end(self, epoch, logs=None):
             logs["rank_metric"] = float(hvd.rank())
             if epoch == 0:
-                self.residual_at_end = optimizer.squeeze_engine.worker_residuals[0].numpy().copy()
+                self.residual_at_end = _worker_residual(optimizer.squeeze_engine)
 
         def on_train_batch_begin(self, batch, logs=None):
             if not hasattr(self, "after_rescale") and hasattr(self, "residual_at_end"):
-                self.after_rescale = optimizer.squeeze_engine.worker_residuals[0].numpy().copy()
+                self.after_rescale = _worker_residual(optimizer.squeeze_engine)
 
     probe = Probe()
     history = model.fit(
@@ -440,8 +448,8 @@ def test_keras_callbacks(tmp_path):
         for name in SHAPES:
             mean = np.mean([gradient(name, r, 0) for r in range(num_proc)], axis=0)
             assert_close(-first["weights"][name], mean, f"rank {rank} warm-up step {name}")
-        assert all(not np.any(w) for w in first["worker"].values())
-        assert any(np.any(w) for w in result["steps"][1]["worker"].values())
+        assert all(not np.any(s["worker_residual"]) for s in first["state"].values())
+        assert any(np.any(s["worker_residual"]) for s in result["steps"][1]["state"].values())
         # The learning rate halves at epoch 1: residuals double, so lr * residual is unchanged.
         np.testing.assert_allclose(result["after_rescale"], 2 * result["residual_at_end"],
                                    rtol=1e-6)
@@ -464,7 +472,7 @@ def _nan_step():
         return tape.gradient(loss, variables), tape.squeeze
 
     _, squeeze = step(_gradients(hvd.rank(), 0))
-    before = [r.numpy().copy() for r in squeeze.engine.worker_residuals]
+    before = _all_state(squeeze.engine)
     bad = _gradients(hvd.rank(), 1)
     bad[2][1, 3] = np.nan
     try:
@@ -472,7 +480,7 @@ def _nan_step():
         error = None
     except tf.errors.InvalidArgumentError as e:
         error = str(e)
-    after = [r.numpy() for r in squeeze.engine.worker_residuals]
+    after = _all_state(squeeze.engine)
     return {"error": error, "step": int(squeeze.engine.step.numpy()),
             "unchanged": all(np.array_equal(a, b) for a, b in zip(before, after))}
 

@@ -27,19 +27,15 @@ from horovod_squeeze.exchange import PASS1, PASS2, shard_numel, shard_valid_nume
 __all__ = ["init_state", "simulate_step"]
 
 
-def _specs(algorithm):
-    return algorithm.state()
-
-
 def init_state(algorithm, exchange: str, numel: int, num_workers: int) -> dict:
     """Zero state for a bucket of ``numel`` entries."""
     sharded = exchange == "sharded"
     length = shard_numel(numel, num_workers) if sharded else numel
     workers = {s.name: [np.zeros(length * (num_workers if sharded else 1), np.float32)
                         for _ in range(num_workers)]
-               for s in _specs(algorithm) if s.placement == "worker"}
+               for s in algorithm.state() if s.placement == "worker"}
     server = {s.name: [np.zeros(length, np.float32) for _ in range(num_workers if sharded else 1)]
-              for s in _specs(algorithm) if s.placement == "server"}
+              for s in algorithm.state() if s.placement == "server"}
     return {"worker": workers, "server": server}
 
 
