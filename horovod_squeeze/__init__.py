@@ -4,7 +4,9 @@ The top level holds the framework-neutral vocabulary: compressor specs such as `
 ``ScaledSign()`` and the algorithms around them (``DoubleSqueeze(ScaledSign())``), which the NumPy
 reference (:mod:`horovod_squeeze.reference`) and the framework bindings all accept.
 """
-from horovod_squeeze.algorithms import Algorithm, DoubleSqueeze, ErrorFeedback, NoFeedback
+from horovod_squeeze.algorithms import (
+    Algorithm, DoubleSqueeze, ErrorFeedback, NoFeedback, ServerFeedback,
+)
 from horovod_squeeze.exchange import Allgather, Allreduce, Exchange, Sharded
 from horovod_squeeze.compressors import (
     FP16, QSGD, Compressor, Contract, Identity, Natural, RandK, ScaledSign, Ternary,
@@ -14,7 +16,7 @@ from horovod_squeeze.compressors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback",
+    "Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback", "ServerFeedback",
     "Exchange", "Sharded", "Allgather", "Allreduce",
     "Compressor", "Contract", "FP16", "Identity", "Natural", "QSGD", "RandK", "ScaledSign",
     "Ternary", "ToContractive", "TopK",

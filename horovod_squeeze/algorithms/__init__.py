@@ -10,7 +10,8 @@ from horovod_squeeze.algorithms.base import (
 from horovod_squeeze.algorithms.double_squeeze import DoubleSqueeze
 from horovod_squeeze.algorithms.error_feedback import ErrorFeedback
 from horovod_squeeze.algorithms.no_feedback import NoFeedback
+from horovod_squeeze.algorithms.server_feedback import ServerFeedback
 
-__all__ = ["Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback", "StateSpec",
+__all__ = ["Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback", "ServerFeedback", "StateSpec",
            "StageContext", "WorkerOut", "ServerOut", "compensate", "mean", "WORKER", "SERVER",
            "GRADIENT", "MODEL", "AVERAGED_GRADIENT", "MODEL_INCREMENT"]
