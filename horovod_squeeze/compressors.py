@@ -5,7 +5,7 @@ hyperparameters and nothing else. The same spec drives the NumPy reference
 (:mod:`horovod_squeeze.reference`) and the PyTorch and TensorFlow codecs, which all write the
 byte-identical payload that :meth:`Compressor.layout` describes.
 
-Contracts follow ``ALGORITHMS.md``, for a flat vector ``v`` of ``d = numel`` entries:
+Contracts follow ``docs/compressors.md``, for a flat vector ``v`` of ``d = numel`` entries:
 
 - *contractive* with ``delta`` in (0, 1]: ``E||C(v) - v||^2 <= (1 - delta) ||v||^2``;
 - *unbiased* with ``omega``: ``E Q(v) = v`` and ``E||Q(v) - v||^2 <= omega ||v||^2``;

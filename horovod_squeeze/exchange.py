@@ -26,7 +26,9 @@ import abc
 import dataclasses
 from typing import Any, ClassVar, Generator, NamedTuple
 
-from horovod_squeeze.algorithms.base import SERVER, WORKER, Algorithm, StageContext
+from horovod_squeeze.algorithms.base import (
+    AVERAGED_GRADIENT, SERVER, WORKER, Algorithm, StageContext,
+)
 from horovod_squeeze.streams import MASK32, hash32
 
 __all__ = ["Exchange", "Sharded", "Allgather", "Allreduce", "Plain", "PLAIN", "EXCHANGES",
@@ -272,7 +274,12 @@ class Allreduce(_Replicated):
 
 
 class Plain(Exchange):
-    """An uncompressed fp32 average: what Horovod's allreduce does."""
+    """An uncompressed fp32 average: what Horovod's allreduce does.
+
+    For an algorithm whose output is a model increment, the plain step is that algorithm's
+    uncompressed limit: ``-learning_rate * average`` (an SGD step), so small tensors and warm-up
+    steps still move the model the right way.
+    """
 
     name = "uncompressed"
     compressed = False
@@ -286,7 +293,12 @@ class Plain(Exchange):
 
     def run(self, codec, algorithm, bucket, flat, state, ctx):
         averaged = yield Collective("allreduce_average", flat, "plain")
-        return BucketResult(averaged, dict(state))
+        if algorithm is None or algorithm.output == AVERAGED_GRADIENT:
+            return BucketResult(averaged, dict(state))
+        if ctx.learning_rate is None:
+            raise ValueError(f"{algorithm!r} outputs a model increment, which needs the "
+                             "optimizer's learning rate; none was given to the engine")
+        return BucketResult(averaged * (-ctx.learning_rate), dict(state))
 
 
 #: The uncompressed exchange, for small tensors and warm-up steps.

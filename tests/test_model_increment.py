@@ -15,38 +15,45 @@ def _train(steps, lr):
     import horovod_squeeze.torch as hst
 
     hvd.init()
-    weight = torch.nn.Parameter(torch.zeros(3000))
+    # 3000 entries through the algorithm, 10 through the plain bucket (below min_compress_numel).
+    big, small = torch.nn.Parameter(torch.zeros(3000)), torch.nn.Parameter(torch.zeros(10))
     # Momentum would change the trajectory if the wrapped step ran: it must not.
-    optimizer = hst.DistributedOptimizer(torch.optim.SGD([weight], lr=lr, momentum=0.9),
-                                         named_parameters=[("weight", weight)],
-                                         compression=SGDIncrement(hs.Identity()),
-                                         min_compress_numel=0)
+    optimizer = hst.DistributedOptimizer(torch.optim.SGD([big, small], lr=lr, momentum=0.9),
+                                         named_parameters=[("big", big), ("small", small)],
+                                         compression=SGDIncrement(hs.Identity()), warmup_steps=1)
     for step in range(steps):
         optimizer.zero_grad()
-        grad = np.random.default_rng(100 * step + hvd.rank()).standard_normal(3000)
-        (weight * torch.from_numpy(grad.astype(np.float32))).sum().backward()
+        grad = torch.from_numpy(_gradient(step, hvd.rank()))
+        ((big * grad[:3000]).sum() + (small * grad[3000:]).sum()).backward()
         optimizer.step()
-    return weight.detach().numpy().copy()
+    return torch.cat([big.detach(), small.detach()]).numpy()
+
+
+def _gradient(step, rank):
+    return np.random.default_rng(100 * step + rank).standard_normal(3010).astype(np.float32)
 
 
 def test_model_increment_is_added_to_the_parameters():
     steps, lr, num_proc = 4, 0.25, 2
     results = run_on_ranks(_train, num_proc, "gloo", args=(steps, lr), timeout=120)
-    want = np.zeros(3000, np.float32)
+    # The algorithm, its plain bucket and its warm-up step all take the SGD step -lr * mean.
+    want = np.zeros(3010, np.float32)
     for step in range(steps):
-        grads = [np.random.default_rng(100 * step + r).standard_normal(3000).astype(np.float32)
-                 for r in range(num_proc)]
+        grads = [_gradient(step, r) for r in range(num_proc)]
         want = want + (sum(grads) / np.float32(num_proc)) * np.float32(-lr)
     for weights in results:
         np.testing.assert_allclose(weights, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(results[0], results[1])
 
 
-def test_keras_optimizer_refuses_model_increments():
+def test_tensorflow_refuses_model_increments():
     import tensorflow as tf
 
+    import horovod_squeeze.tensorflow as hstf
     import horovod_squeeze.tensorflow.keras as hsk
 
     with pytest.raises(NotImplementedError, match="model increment"):
         hsk.DistributedOptimizer(tf.keras.optimizers.SGD(0.1),
                                  compression=SGDIncrement(hs.Identity()))
+    with pytest.raises(NotImplementedError, match="model increment"):
+        hstf.DistributedGradientTape(tf.GradientTape(), compression=SGDIncrement(hs.Identity()))

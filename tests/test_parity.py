@@ -3,6 +3,8 @@ with the same defaults, the same methods on their engines, state modules and sto
 import dataclasses
 import inspect
 
+import numpy as np
+
 import horovod_squeeze as hs
 from horovod_squeeze.fake import FakeWorld
 from horovod_squeeze.plan import EngineOptions
@@ -54,13 +56,23 @@ def test_same_arguments_and_methods():
 
     assert (inspect.signature(TorchEngine.__init__).parameters.keys()
             == inspect.signature(TFEngine.__init__).parameters.keys())
-    engines = [cls(hs.DoubleSqueeze(hs.ScaledSign()), [("w", (2048,))],
+    # "b" is below min_compress_numel: a plain bucket, without state.
+    engines = [cls(hs.DoubleSqueeze(hs.ScaledSign()), [("w", (2048,)), ("b", (10,))],
                    collectives=FakeWorld(1).collectives(0)) for cls in (TorchEngine, TFEngine)]
     shared = {"algorithm", "exchange", "buckets", "plan", "comm", "step", "state",
               "state_norms", "scale_state_", "last_stats"}
     for engine in engines:
         assert shared <= set(dir(engine)), type(engine).__module__
         assert set(engine.state[0]) == {"worker_residual", "server_residual"}
+        assert engine.state[1] == {}
+        residual = engine.state[0]["worker_residual"]
+        if hasattr(residual, "assign"):  # a tf.Variable
+            residual.assign(np.ones(residual.shape, np.float32))
+        else:
+            residual.fill_(1.0)
+        engine.scale_state_(2.0)  # skips the plain bucket
+        assert float(engine.state[0]["worker_residual"][0]) == 2.0
+        assert set(engine.state_norms()) == {"w", "b"}
     for name in ("gather", "restore"):
         assert (list(inspect.signature(getattr(hst.state, name)).parameters)
                 == list(inspect.signature(getattr(hstf.state, name)).parameters))

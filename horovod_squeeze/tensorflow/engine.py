@@ -190,5 +190,6 @@ class SqueezeEngine(tf.Module):
     def scale_state_(self, factor: float) -> None:
         """Multiplies the state in gradient units by ``factor`` (e.g. old / new learning rate)."""
         for bucket_state in self._local.state.values():
-            for name in self._config.plan.gradient_state():
-                bucket_state[name].assign(bucket_state[name] * factor)
+            for name, variable in bucket_state.items():
+                if name in self._config.plan.gradient_state():
+                    variable.assign(variable * factor)

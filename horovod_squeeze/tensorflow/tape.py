@@ -9,7 +9,7 @@ from __future__ import annotations
 import horovod.tensorflow as hvd
 from horovod.tensorflow.compression import Compression
 
-from horovod_squeeze.algorithms import Algorithm
+from horovod_squeeze.algorithms import MODEL_INCREMENT, Algorithm
 from horovod_squeeze.compressors import Compressor
 from horovod_squeeze.plan import EngineOptions, check_algorithm
 from horovod_squeeze.tensorflow.gradients import SqueezeGradients
@@ -36,8 +36,6 @@ def DistributedGradientTape(gradtape, device_dense="", device_sparse="",
       exchange, bucket_cap_mb, min_compress_numel, warmup_steps, log_every: see
         :class:`horovod_squeeze.plan.EngineOptions`.
 
-    For an algorithm whose output is a model increment, ``gradient()`` returns the increments to
-    add to the variables (``v.assign_add(increment)``) instead of averaged gradients.
 
     The returned tape also has ``squeeze``: the
     :class:`~horovod_squeeze.tensorflow.gradients.SqueezeGradients` shared by every tape of this
@@ -63,7 +61,7 @@ def DistributedGradientTape(gradtape, device_dense="", device_sparse="",
         return hvd.DistributedGradientTape(
             gradtape, device_dense, device_sparse, compression, sparse_as_dense, op,
             gradient_predivide_factor, num_groups, groups, process_set, scale_local_gradients)
-    _check_horovod_options(op, gradient_predivide_factor, num_groups, groups)
+    _check_horovod_options(op, gradient_predivide_factor, num_groups, groups, compression)
     tape = hvd.DistributedGradientTape(
         gradtape, device_dense, device_sparse, Compression.none, sparse_as_dense, op,
         gradient_predivide_factor, process_set=process_set,
@@ -81,7 +79,12 @@ def DistributedGradientTape(gradtape, device_dense="", device_sparse="",
     return tape
 
 
-def _check_horovod_options(op, gradient_predivide_factor, num_groups, groups) -> None:
+def _check_horovod_options(op, gradient_predivide_factor, num_groups, groups, algorithm) -> None:
+    if algorithm.output == MODEL_INCREMENT:
+        raise NotImplementedError(
+            f"{algorithm!r} outputs a model increment, which needs the optimizer's learning rate; "
+            "TensorFlow supports averaged-gradient algorithms only so far (PyTorch's "
+            "DistributedOptimizer applies model increments)")
     if op not in (hvd.Average, hvd.Sum):
         raise ValueError("compressed exchanges average gradients; op must be hvd.Average or hvd.Sum")
     if num_groups or groups is not None:

@@ -135,8 +135,9 @@ class SqueezeEngine:
     def scale_state_(self, factor: float) -> None:
         """Multiplies the state in gradient units by ``factor`` (e.g. old / new learning rate)."""
         for bucket_state in self.state.values():
-            for name in self.plan.gradient_state():
-                bucket_state[name].mul_(factor)
+            for name, tensor in bucket_state.items():
+                if name in self.plan.gradient_state():
+                    tensor.mul_(factor)
 
     def _numpy_state(self) -> dict:
         return {i: {n: t.cpu().numpy() for n, t in s.items()} for i, s in self.state.items()}

@@ -12,7 +12,7 @@ import horovod.tensorflow as hvd
 import horovod.tensorflow.keras as hvd_keras
 from horovod.tensorflow.compression import Compression
 
-from horovod_squeeze.algorithms import MODEL_INCREMENT, Algorithm
+from horovod_squeeze.algorithms import Algorithm
 from horovod_squeeze.compressors import Compressor
 from horovod_squeeze.plan import EngineOptions, check_algorithm
 from horovod_squeeze.telemetry import StepStats
@@ -77,12 +77,7 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
         check_algorithm(compression)
     compressed = isinstance(compression, Algorithm)
     if compressed:
-        _check_horovod_options(op, gradient_predivide_factor, num_groups, groups)
-        if compression.output == MODEL_INCREMENT:
-            raise NotImplementedError(
-                f"{compression!r} outputs a model increment, which the Keras optimizer does not "
-                "apply yet; use horovod_squeeze.tensorflow.DistributedGradientTape and add the "
-                "increments to the variables")
+        _check_horovod_options(op, gradient_predivide_factor, num_groups, groups, compression)
     distributed = hvd_keras.DistributedOptimizer(
         optimizer, name=name, device_dense=device_dense, device_sparse=device_sparse,
         compression=Compression.none if compressed else compression,
