@@ -1,5 +1,6 @@
 """What the PyTorch and Keras examples share: the command line, the compressors, the data."""
 import argparse
+import dataclasses
 
 import numpy as np
 from sklearn.datasets import load_digits
@@ -8,7 +9,7 @@ from sklearn.model_selection import train_test_split
 import horovod_squeeze as hs
 
 ALGORITHMS = {"doublesqueeze": hs.DoubleSqueeze, "errorfeedback": hs.ErrorFeedback,
-              "nofeedback": hs.NoFeedback}
+              "nofeedback": hs.NoFeedback, "serverfeedback": hs.ServerFeedback}
 COMPRESSORS = {
     "scaledsign": lambda args: hs.ScaledSign(scale=args.scale, block_size=args.block_size),
     "topk": lambda args: hs.TopK(args.ratio, method="sampled"),
@@ -30,7 +31,13 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--algorithm", choices=["none", *ALGORITHMS], default="doublesqueeze")
-    parser.add_argument("--compressor", choices=list(COMPRESSORS), default="scaledsign")
+    parser.add_argument("--compressor", choices=list(COMPRESSORS), default="scaledsign",
+                        help="pass 1 (worker) compressor")
+    parser.add_argument("--server-compressor", choices=list(COMPRESSORS), default=None,
+                        help="pass 2 (server) compressor; default: the algorithm's own "
+                        "(DoubleSqueeze, ServerFeedback: the same as --compressor; ErrorFeedback, "
+                        "NoFeedback: none, the average returns exactly). Takes the same --ratio, "
+                        "--levels, --scale and --block-size")
     parser.add_argument("--ratio", type=float, default=0.01, help="kept fraction for topk/randk")
     parser.add_argument("--levels", type=int, default=4, help="QSGD levels")
     parser.add_argument("--block-size", type=int, default=None, help="scaledsign: entries per scale")
@@ -47,7 +54,44 @@ def algorithm(args):
     """The algorithm the flags name, or None for the fp32 baseline."""
     if args.algorithm == "none":
         return None
-    return ALGORITHMS[args.algorithm](COMPRESSORS[args.compressor](args))
+    worker = COMPRESSORS[args.compressor](args)
+    if args.server_compressor is None:
+        return ALGORITHMS[args.algorithm](worker)
+    return ALGORITHMS[args.algorithm](worker, server=COMPRESSORS[args.server_compressor](args))
+
+
+def short_repr(spec) -> str:
+    """A spec as it would be written: fields left at their defaults omitted, the first required
+    field positional, e.g. ``TopK(0.01, method='sampled')`` or ``ScaledSign()``."""
+    if not dataclasses.is_dataclass(spec):
+        return repr(spec)
+    parts = []
+    for field in dataclasses.fields(spec):
+        if not field.init:
+            continue
+        value = getattr(spec, field.name)
+        required = (field.default is dataclasses.MISSING
+                    and field.default_factory is dataclasses.MISSING)
+        if not required and value == field.default:
+            continue
+        text = short_repr(value) if dataclasses.is_dataclass(value) else repr(value)
+        parts.append(text if required and not parts else f"{field.name}={text}")
+    return f"{type(spec).__name__}({', '.join(parts)})"
+
+
+def label(compression) -> str:
+    """How an algorithm is written (its repr, compressors without their default fields): the pass-2
+    compressor only when it is not the algorithm's default, e.g. ``DoubleSqueeze(ScaledSign())``,
+    ``ErrorFeedback(TopK(0.01, method='sampled'), server=ScaledSign())``."""
+    if compression is None:
+        return "fp32 allreduce"
+    parts = [short_repr(compression.worker)]
+    if compression.server != compression.default_server():
+        parts.append(f"server={short_repr(compression.server)}")
+    for field in dataclasses.fields(compression):  # an algorithm's own hyperparameters
+        if field.init and field.name not in ("worker", "server"):
+            parts.append(f"{field.name}={short_repr(getattr(compression, field.name))}")
+    return f"{type(compression).__name__}({', '.join(parts)})"
 
 
 def digits_split(seed):
@@ -62,17 +106,19 @@ def fp32_allreduce_bytes(numel, size):
     return 2 * (size - 1) * 4 * numel // size
 
 
-def report(args, accuracy, stats, numel, size, label):
-    """Rank 0's closing line and, with --json, the metrics file."""
+def report(args, accuracy, stats, numel, size, compression):
+    """Rank 0's closing line and, with --json, the metrics file (``compression``: the algorithm, or
+    None for the fp32 baseline)."""
     import json
 
     fp32_bytes = fp32_allreduce_bytes(numel, size)
     sent = stats.bytes.sent if stats else fp32_bytes
     print(f"test accuracy: {100 * accuracy:.2f}% ({size} ranks, {args.epochs} epochs, "
-          f"{label}, {args.exchange if stats else 'allreduce'}); bytes sent per step per rank: "
-          f"{sent} ({fp32_bytes / sent:.1f}x fewer than an fp32 allreduce)")
+          f"{label(compression)}, {args.exchange if stats else 'allreduce'}); bytes sent per step "
+          f"per rank: {sent} ({fp32_bytes / sent:.1f}x fewer than an fp32 allreduce)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"accuracy": accuracy, "bytes_sent_per_step": sent,
                        "fp32_allreduce_bytes_per_step": fp32_bytes, "epochs": args.epochs,
-                       "seed": args.seed, "ranks": size, "compression": label}, f)
+                       "seed": args.seed, "ranks": size, "compression": label(compression),
+                       "algorithm": None if compression is None else repr(compression)}, f)

@@ -103,8 +103,7 @@ def main():
     accuracy = float(hvd.allreduce(np.float64(accuracy), name="test_accuracy"))
     if hvd.rank() == 0:
         stats = getattr(optimizer, "compression_stats", None)
-        label = "fp32 allreduce" if compression is None else repr(compression)
-        report(args, accuracy, stats, model.count_params(), hvd.size(), label)
+        report(args, accuracy, stats, model.count_params(), hvd.size(), compression)
 
 
 if __name__ == "__main__":

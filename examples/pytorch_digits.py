@@ -5,7 +5,9 @@ Run on 4 local ranks with DoubleSqueeze and 1-bit scaled-sign compression:
     horovodrun -np 4 --gloo python examples/pytorch_digits.py --algorithm doublesqueeze \
         --compressor scaledsign
 
-``--algorithm none`` trains with Horovod's plain fp32 allreduce, the baseline. Each rank trains on
+``--server-compressor`` names pass 2's compressor (e.g. ``--algorithm errorfeedback --compressor
+topk --server-compressor scaledsign``); by default it is the algorithm's own. ``--algorithm none``
+trains with Horovod's plain fp32 allreduce, the baseline. Each rank trains on
 its own shard of the training set; parameters start equal through a broadcast from rank 0; rank 0
 prints the held-out accuracy and the bytes each rank sent per step against an fp32 allreduce.
 """
@@ -93,9 +95,8 @@ def main():
     accuracy = hvd.allreduce(correct, name="test_accuracy").item()
     stats = getattr(optimizer, "compression_stats", None)
     if hvd.rank() == 0:
-        label = "fp32 allreduce" if args.algorithm == "none" else repr(algorithm(args))
         report(args, accuracy, stats, sum(p.numel() for p in model.parameters()), hvd.size(),
-               label)
+               algorithm(args))
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import warnings
 from typing import Any, ClassVar, Generator, NamedTuple
 
 from horovod_squeeze.algorithms.base import (
     AVERAGED_GRADIENT, SERVER, WORKER, Algorithm, StageContext,
 )
+from horovod_squeeze.compressors import Identity
 from horovod_squeeze.streams import MASK32, hash32
 
 __all__ = ["Exchange", "Sharded", "Allgather", "Allreduce", "Plain", "PLAIN", "EXCHANGES",
@@ -214,6 +216,13 @@ class _Replicated(Exchange):
     #: Whether every rank draws pass 1's random numbers from one stream.
     shared_stream: ClassVar[bool] = False
 
+    def check(self, algorithm):
+        if not isinstance(algorithm.server, Identity) and not algorithm.state_names(SERVER):
+            warnings.warn(
+                f"{algorithm!r} over exchange={self.name!r}: nothing travels in a second pass, so "
+                f"the server compressor {algorithm.server!r}, without a server residual, only "
+                "loses precision; use exchange='sharded' or leave server= out", stacklevel=4)
+
     def state_numel(self, placement, numel, size):
         return numel
 
@@ -256,6 +265,7 @@ class Allreduce(_Replicated):
     shared_stream = True
 
     def check(self, algorithm):
+        super().check(algorithm)
         if not algorithm.worker.linear:
             raise ValueError(
                 f"exchange='allreduce' sums compressed values, which is only correct for linear "

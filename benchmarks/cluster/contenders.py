@@ -5,7 +5,11 @@
   same way to everyone;
 - Horovod's ``DistributedOptimizer`` with fp32 and fp16 compression;
 - PyTorch DDP (gloo) allreduce, and DDP with the PowerSGD hook (its error feedback on);
-- this project's ``DistributedOptimizer`` with an algorithm x compressor x exchange.
+- this project's ``DistributedOptimizer`` with an algorithm x compressor (one per pass) x exchange.
+
+``ErrorFeedback`` and ``NoFeedback`` contenders always name their second pass: ``server=ScaledSign``
+(compressed without feedback, what the published runs measured) or ``server=Identity`` (the average
+returned exactly: what ``ErrorFeedback(C)`` means when no server compressor is named).
 
 Each contender also predicts the payload bytes one step sends and receives per rank (what the
 collectives carry, without any header), to put beside the interface counters.
@@ -31,20 +35,32 @@ class ContenderSpec:
     powersgd_rank: int | None = None
     ddp_bucket_cap_mb: float = 25.0
     algorithm: str = ""  # squeeze: "DoubleSqueeze", "ErrorFeedback" or "NoFeedback"
-    compressor: str = ""  # squeeze: a key of _compressor()
+    compressor: str = ""  # squeeze: pass 1's compressor, a key of _compressor()
     exchange: str = "sharded"
+    server: str = ""  # squeeze: pass 2's compressor, a key of _compressor() ("": the default)
+
+    def algorithm_spec(self):
+        """The squeeze contender's algorithm, e.g. ``DoubleSqueeze(ScaledSign())``."""
+        import horovod_squeeze as hs
+
+        cls = getattr(hs, self.algorithm)
+        if not self.server:
+            return cls(_compressor(self.compressor))
+        return cls(_compressor(self.compressor), server=_compressor(self.server))
 
 
 def _compressor(key: str):
     import horovod_squeeze as hs
 
     return {"ScaledSign": hs.ScaledSign(), "TopK(0.01)": hs.TopK(0.01), "QSGD(4)": hs.QSGD(4),
-            "Ternary": hs.Ternary()}[key]
+            "Ternary": hs.Ternary(), "Identity": hs.Identity()}[key]
 
 
-def _squeeze(algorithm: str, compressor: str, exchange: str = "sharded") -> ContenderSpec:
-    return ContenderSpec(f"{algorithm}({compressor}) {exchange}", "squeeze", algorithm=algorithm,
-                         compressor=compressor, exchange=exchange)
+def _squeeze(algorithm: str, compressor: str, exchange: str = "sharded", *,
+             server: str = "") -> ContenderSpec:
+    passes = compressor + (f", server={server}" if server else "")
+    return ContenderSpec(f"{algorithm}({passes}) {exchange}", "squeeze", algorithm=algorithm,
+                         compressor=compressor, exchange=exchange, server=server)
 
 
 # PowerSGD with DDP's default 25 MB buckets aborted on 4 ranks with Gloo ("received data size
@@ -61,8 +77,10 @@ CATALOG: dict[str, ContenderSpec] = {spec.name: spec for spec in [
     ContenderSpec("DDP PowerSGD r4 (25 MB buckets)", "ddp", powersgd_rank=4),
     _squeeze("DoubleSqueeze", "ScaledSign"),
     _squeeze("DoubleSqueeze", "ScaledSign", "allgather"),
-    _squeeze("ErrorFeedback", "ScaledSign"),
-    _squeeze("NoFeedback", "ScaledSign"),
+    _squeeze("ErrorFeedback", "ScaledSign", server="ScaledSign"),
+    _squeeze("ErrorFeedback", "ScaledSign", server="Identity"),
+    _squeeze("NoFeedback", "ScaledSign", server="ScaledSign"),
+    _squeeze("NoFeedback", "ScaledSign", server="Identity"),
     _squeeze("DoubleSqueeze", "TopK(0.01)"),
     _squeeze("DoubleSqueeze", "TopK(0.01)", "allgather"),
     _squeeze("DoubleSqueeze", "QSGD(4)"),
@@ -72,8 +90,9 @@ CATALOG: dict[str, ContenderSpec] = {spec.name: spec for spec in [
 #: The published run's contenders (the catalog's others can be named on the command line).
 FULL = ["compute only", "Horovod fp32", "Horovod fp16", "DDP allreduce", "DDP PowerSGD r1",
         "DDP PowerSGD r2", "DDP PowerSGD r4", "DoubleSqueeze(ScaledSign) sharded",
-        "DoubleSqueeze(ScaledSign) allgather", "ErrorFeedback(ScaledSign) sharded",
-        "NoFeedback(ScaledSign) sharded", "DoubleSqueeze(TopK(0.01)) sharded",
+        "DoubleSqueeze(ScaledSign) allgather",
+        "ErrorFeedback(ScaledSign, server=ScaledSign) sharded",
+        "NoFeedback(ScaledSign, server=ScaledSign) sharded", "DoubleSqueeze(TopK(0.01)) sharded",
         "DoubleSqueeze(QSGD(4)) sharded"]
 #: Contenders run in a job of their own because they may abort the whole process group.
 PROBES = ["DDP PowerSGD r4 (25 MB buckets)"]
@@ -122,7 +141,6 @@ class Contender:
     def _horovod_optimizer(self, optimizer):
         import horovod.torch as hvd
 
-        import horovod_squeeze as hs
         import horovod_squeeze.torch as hst
 
         spec = self.spec
@@ -130,7 +148,7 @@ class Contender:
             compression = hvd.Compression.fp16 if spec.compression == "fp16" else hvd.Compression.none
             options = {}
         else:
-            compression = getattr(hs, spec.algorithm)(_compressor(spec.compressor))
+            compression = spec.algorithm_spec()
             options = {"exchange": spec.exchange}
         # Distinct tensor names per contender: contenders share one Horovod job.
         named = [(f"{spec.name}/{name}", p) for name, p in self.model.named_parameters()]

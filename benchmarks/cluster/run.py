@@ -29,7 +29,8 @@ from benchmarks.cluster import contenders, launch, namespaces, report, shaping
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 
 CONVERGENCE = ["Horovod fp32", "Horovod fp16", "DDP PowerSGD r1", "DDP PowerSGD r4",
-               "NoFeedback(ScaledSign) sharded", "ErrorFeedback(ScaledSign) sharded",
+               "NoFeedback(ScaledSign, server=ScaledSign) sharded",
+               "ErrorFeedback(ScaledSign, server=ScaledSign) sharded",
                "DoubleSqueeze(ScaledSign) sharded", "DoubleSqueeze(TopK(0.01)) sharded",
                "DoubleSqueeze(QSGD(4)) sharded"]
 QUICK_CONVERGENCE = ["Horovod fp32", "DDP PowerSGD r4", "DoubleSqueeze(ScaledSign) sharded"]
