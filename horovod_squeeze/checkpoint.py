@@ -5,14 +5,15 @@ style generator, run by :mod:`horovod_squeeze.driver` over the engine's collecti
 rank's state, and :func:`to_checkpoint` lays it out by parameter name::
 
     {"version": 2, "step": 12, "world_size": 4, "algorithm": "DoubleSqueeze(...)",
-     "exchange": "sharded",
+     "exchange": "sharded", "parameters": [("layer.weight", (64, 32)), ...],
      "state": {"worker_residual": {"placement": "worker", "units": "gradient",
                                    "tensors": {"layer.weight": <[ranks, *shape]>, ...}},
                "server_residual": {"placement": "server", "units": "gradient",
                                    "tensors": {"layer.weight": <[*shape]>, ...}}}}
 
 Worker state stacks every rank's tensor; server state is the whole tensor, assembled from its
-shards. :func:`restore` hands a rank its part back: exactly at the same world size; at another,
+shards. Parameters are matched by name, or by position where a rebuilt model names them anew
+(Keras) but their shapes line up. :func:`restore` hands a rank its part back: exactly at the same world size; at another,
 each rank's worker state becomes the old ranks' sum divided by the new count (so the sum is
 preserved, which keeps ``lr * sum`` unchanged under Horovod's convention of scaling the learning
 rate with the number of ranks) and server state is re-sharded. Arrays are NumPy here; each binding
@@ -76,7 +77,31 @@ def to_checkpoint(plan: Plan, gathered: dict, step: int) -> dict:
                 tensors[name] = rows[..., start:stop].reshape(*leading, *shape).copy()
         state[spec.name] = {"placement": spec.placement, "units": spec.units, "tensors": tensors}
     return {"version": FORMAT_VERSION, "step": int(step), "world_size": plan.size,
-            "algorithm": repr(plan.algorithm), "exchange": plan.exchange.name, "state": state}
+            "algorithm": repr(plan.algorithm), "exchange": plan.exchange.name,
+            "parameters": _parameters(plan), "state": state}
+
+
+def _parameters(plan: Plan) -> list[tuple[str, tuple[int, ...]]]:
+    """The compressed parameters, in bucket order: names and shapes."""
+    return [(name, shape) for bucket in plan.buckets if bucket.compressed
+            for name, shape in zip(bucket.names, bucket.shapes)]
+
+
+def _saved_names(plan: Plan, saved: dict) -> dict[str, str]:
+    """This plan's parameter name -> the checkpoint's. By name; if names differ but the
+    checkpoint's parameters have the same shapes in the same order (Keras names layers anew when a
+    model is rebuilt), by position."""
+    current = _parameters(plan)
+    stored = [(name, tuple(shape)) for name, shape in saved.get("parameters", [])]
+    names = {name for name, _ in stored}
+    if all(name in names for name, _ in current):
+        return {name: name for name, _ in current}
+    if [shape for _, shape in stored] == [shape for _, shape in current]:
+        return {name: old for (name, _), (old, _) in zip(current, stored)}
+    missing = [name for name, _ in current if name not in names]
+    raise ValueError(f"the checkpoint has no state for parameters {missing}, and its parameters' "
+                     f"shapes {[s for _, s in stored]} differ from this model's "
+                     f"{[s for _, s in current]}: it comes from another model")
 
 
 def restore(plan: Plan, saved: dict, rank: int) -> tuple[int, dict]:
@@ -96,6 +121,7 @@ def restore(plan: Plan, saved: dict, rank: int) -> tuple[int, dict]:
     if extra:
         warnings.warn(f"checkpoint state {extra} (from {saved['algorithm']}) is not used by "
                       f"{plan.algorithm!r} and is dropped", stacklevel=3)
+    saved_name = _saved_names(plan, saved)
     restored = {}
     for bucket in plan.buckets:
         layout = plan.state_layout(bucket)
@@ -104,6 +130,8 @@ def restore(plan: Plan, saved: dict, rank: int) -> tuple[int, dict]:
         restored[bucket.index] = {}
         for name, spec in wanted.items():
             tensors = saved["state"][name]["tensors"]
+            tensors = {n: tensors[saved_name[n]] for n in bucket.names
+                       if saved_name[n] in tensors}
             absent = [n for n in bucket.names if n not in tensors]
             if absent:
                 raise ValueError(f"the checkpoint's {name} state has no parameters {absent}")

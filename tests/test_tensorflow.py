@@ -490,3 +490,68 @@ def test_nan_gradient_is_refused_without_touching_state():
         assert result["error"] is not None and "gradient has NaN or Inf values" in result["error"]
         assert "layer2.weight" in result["error"]  # names the bucket's tensors
         assert result["unchanged"] and result["step"] == 1
+
+
+def _tf_save(prefix, steps):
+    """Rank body: a few known-gradient steps, state gathered on every rank, saved by rank 0."""
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    import horovod_squeeze.tensorflow as hstf
+
+    hvd.init()
+    variables = _variables()
+    squeeze = None
+    for step in range(steps):
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([tf.reduce_sum(v * g)
+                             for v, g in zip(variables, _gradients(hvd.rank(), step))])
+        tape = hstf.DistributedGradientTape(tape, compression=DS_SIGN, min_compress_numel=0)
+        tape.gradient(loss, variables)
+        squeeze = tape.squeeze
+    saved = hstf.state.gather(squeeze.engine)
+    if hvd.rank() == 0:
+        tf.train.Checkpoint(squeeze=squeeze.engine).write(prefix)
+    hvd.allreduce(tf.constant(0.0), name="saved")  # a barrier
+    return saved
+
+
+def _tf_restore_and_continue(prefix):
+    """Rank body: a fresh engine restores the checkpoint, then takes one more step."""
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    import horovod_squeeze.tensorflow as hstf
+
+    hvd.init()
+    variables = _variables()
+    squeeze = hstf.DistributedGradientTape(tf.GradientTape(), compression=DS_SIGN,
+                                           min_compress_numel=0).squeeze
+    engine = squeeze.build(variables)
+    tf.train.Checkpoint(squeeze=engine).read(prefix).assert_consumed()
+    restored = hstf.state.restore(engine)
+    after_restore = hstf.state.gather(engine)
+    with tf.GradientTape() as tape:
+        loss = tf.add_n([tf.reduce_sum(v * g) for v, g in zip(variables, _gradients(hvd.rank(), 9))])
+    tape = hstf.DistributedGradientTape(tape, compression=DS_SIGN, min_compress_numel=0)
+    applied = tape.gradient(loss, variables)
+    return {"restored": restored, "state": after_restore, "step": int(engine.step.numpy()),
+            "finite": all(bool(np.all(np.isfinite(a.numpy()))) for a in applied)}
+
+
+def test_checkpoint_restored_at_another_world_size(tmp_path):
+    prefix = str(tmp_path / "squeeze")
+    saved = run_on_ranks(_tf_save, 4, "gloo", args=(prefix, 3), timeout=180)[0]
+    results = run_on_ranks(_tf_restore_and_continue, 2, "gloo", args=(prefix,), timeout=180)
+    for result in results:
+        assert result["restored"] and result["step"] == 4 and result["finite"]
+        loaded = result["state"]
+        assert saved["world_size"] == 4 and loaded["world_size"] == 2 and loaded["step"] == 3
+        for name in SHAPES:
+            old = saved["state"]["worker_residual"]["tensors"][f"{name}:0"]
+            new = loaded["state"]["worker_residual"]["tensors"][f"{name}:0"]
+            assert old.shape[0] == 4 and new.shape[0] == 2 and np.any(old != 0)
+            np.testing.assert_allclose(new.sum(axis=0), old.sum(axis=0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(
+                loaded["state"]["server_residual"]["tensors"][f"{name}:0"],
+                saved["state"]["server_residual"]["tensors"][f"{name}:0"])
