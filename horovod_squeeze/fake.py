@@ -127,7 +127,7 @@ class FakeCollectives:
         use = self._uses.get(name, 0)
         self._uses[name] = use + 1
         output = self._world._join(op, (name, use), self.rank, _to_numpy(tensor))
-        return _to_native(output, tensor)
+        return _to_native(output.copy(), tensor)  # each rank owns its result, as each process does
 
     def wait(self, handle):
         return handle

@@ -1,32 +1,152 @@
-"""Framework-neutral telemetry: per-bucket bytes and residual norms, against direct computations."""
+"""Framework-neutral telemetry: per-parameter state norms and per-step bytes, against direct
+computations and against what the collectives actually carried."""
 import numpy as np
+import pytest
+import torch
 
 import horovod_squeeze as hs
-from horovod_squeeze.buckets import make_buckets
-from horovod_squeeze.exchange import PassBytes, fp32_allreduce_bytes, pass_bytes
-from horovod_squeeze.telemetry import bucket_bytes, residual_norms
+from horovod_squeeze.exchange import PLAIN, PassBytes, fp32_allreduce_bytes, shard_numel
+from horovod_squeeze.fake import FakeWorld
+from horovod_squeeze.plan import EngineOptions, Plan
+from horovod_squeeze.telemetry import StepStats, state_norms
+from horovod_squeeze.torch.engine import SqueezeEngine
 
 
-def test_residual_norms_place_the_server_shard_at_its_offset():
-    buckets = make_buckets([("a", (5, 3)), ("b", (9,))], "sharded", min_compress_numel=0)
-    (bucket,) = buckets  # reversed registration order: b at offset 0, a at offset 9
+def test_state_norms_place_the_server_shard_at_its_offset():
+    plan = Plan(hs.DoubleSqueeze(hs.ScaledSign()), [("a", (5, 3)), ("b", (9,))], 2,
+                EngineOptions(min_compress_numel=0))
+    (bucket,) = plan.buckets  # reversed registration order: b at offset 0, a at offset 9
+    assert bucket.names == ["b", "a"] and bucket.numel == 24
+    layout = plan.state_layout(bucket)
+    assert layout == {"worker_residual": 2 * 16, "server_residual": 16}  # shards of 16 entries
     rng = np.random.default_rng(3)
-    worker = rng.standard_normal(bucket.worker_numel(2)).astype(np.float32)
-    shard = rng.standard_normal(bucket.server_numel(2)).astype(np.float32)  # rank 1 owns 16..31
-    norms = residual_norms(buckets, {0: worker}, {0: shard}, rank=1, num_ranks=2)
+    worker = rng.standard_normal(layout["worker_residual"]).astype(np.float32)
+    shard = rng.standard_normal(layout["server_residual"]).astype(np.float32)
+    shard[8:] = 0  # rank 1 owns entries 16..31 of which 16..23 are real
+    norms = state_norms(plan, {0: {"worker_residual": worker, "server_residual": shard}}, rank=1)
     placed = np.concatenate([np.zeros(16, np.float32), shard])
-    assert norms["b"] == (float(np.linalg.norm(worker[0:9])), float(np.linalg.norm(placed[0:9])))
-    assert norms["a"] == (float(np.linalg.norm(worker[9:24])),
-                          float(np.linalg.norm(placed[9:24])))
-    assert norms["b"][1] == 0.0 and norms["a"][1] > 0
+    assert norms == {
+        "b": {"worker_residual": float(np.linalg.norm(worker[0:9])),
+              "server_residual": float(np.linalg.norm(placed[0:9]))},
+        "a": {"worker_residual": float(np.linalg.norm(worker[9:24])),
+              "server_residual": float(np.linalg.norm(placed[9:24]))}}
+    assert norms["b"]["server_residual"] == 0.0 and norms["a"]["server_residual"] > 0
+    # Rank 0 owns entries 0..15: b whole and the first 7 of a.
+    norms0 = state_norms(plan, {0: {"worker_residual": worker, "server_residual": shard}}, rank=0)
+    np.testing.assert_allclose(norms0["a"]["server_residual"], np.linalg.norm(shard[9:16]),
+                               rtol=1e-6)
 
 
-def test_bucket_bytes_plain_or_compressed():
-    (bucket,) = make_buckets([("w", (1000,))], "sharded", min_compress_numel=0)
-    ring = fp32_allreduce_bytes(1000, 4)
-    assert bucket_bytes(hs.ScaledSign(), bucket, 4, compressed=False) == PassBytes(ring, ring, 0, 0)
-    assert (bucket_bytes(hs.ScaledSign(), bucket, 4, compressed=True)
-            == pass_bytes(hs.ScaledSign(), "sharded", 1000, 4))
-    (small,) = make_buckets([("bias", (10,))], "sharded")  # below min_compress_numel: plain
-    ring = fp32_allreduce_bytes(10, 4)
-    assert bucket_bytes(hs.ScaledSign(), small, 4, compressed=True) == PassBytes(ring, ring, 0, 0)
+def test_state_norms_cover_every_parameter_and_state_name():
+    plan = Plan(hs.ErrorFeedback(hs.TopK(0.1)), [("big", (2000,)), ("bias", (10,))], 4,
+                EngineOptions(exchange="allgather"))
+    state = {0: {"worker_residual": np.full(2000, 2.0, np.float32)}, 1: {}}
+    # The uncompressed parameter has no state; ErrorFeedback has no server state.
+    assert state_norms(plan, state, rank=3) == {
+        "big": {"worker_residual": pytest.approx(2.0 * np.sqrt(2000))}, "bias": {}}
+    no_state = Plan(hs.NoFeedback(hs.TopK(0.1)), [("big", (2000,))], 4)
+    assert state_norms(no_state, {0: {}}, rank=0) == {"big": {}}
+
+
+def test_step_bytes_plain_or_compressed():
+    algorithm = hs.DoubleSqueeze(hs.ScaledSign())
+    plan = Plan(algorithm, [("w", (4000,)), ("bias", (10,))], 4)
+    big, small = plan.buckets
+    assert big.compressed and not small.compressed and small.exchange is PLAIN
+    ring = PassBytes(fp32_allreduce_bytes(4000, 4), fp32_allreduce_bytes(4000, 4), 0, 0)
+    small_ring = PassBytes(fp32_allreduce_bytes(10, 4), fp32_allreduce_bytes(10, 4), 0, 0)
+    # Warming up: everything is a plain fp32 allreduce.
+    assert plan.step_bytes(warm=True) == ring + small_ring
+    assert PLAIN.pass_bytes(algorithm, 4000, 4) == ring
+    # Compressed: 1 bit per entry of each 1000-entry shard plus a float32 scale, both ways.
+    shard = shard_numel(4000, 4)
+    assert shard == 1000
+    one_way = 3 * (shard // 8 + 4)
+    assert plan.step_bytes(warm=False) == PassBytes(one_way, one_way, one_way, one_way) + small_ring
+    assert plan.fp32_bytes == fp32_allreduce_bytes(4010, 4)
+
+
+def test_pass_bytes_of_each_exchange():
+    n, numel = 4, 100_000
+    sign = hs.ScaledSign()
+    shard = shard_numel(numel, n)
+    # ErrorFeedback's average comes back exactly: float32 in pass 2 of the sharded exchange.
+    assert hs.Sharded().pass_bytes(hs.ErrorFeedback(sign), numel, n) == PassBytes(
+        3 * (shard // 8 + 4), 3 * (shard // 8 + 4), 3 * 4 * shard, 3 * 4 * shard)
+    assert hs.Sharded().pass_bytes(hs.ErrorFeedback(sign, server=sign), numel, n) == \
+        hs.Sharded().pass_bytes(hs.DoubleSqueeze(sign), numel, n)
+    # One pass: every rank's whole payload to the n - 1 others; nothing comes back.
+    assert hs.Allgather().pass_bytes(hs.DoubleSqueeze(sign), numel, n) == PassBytes(
+        3 * (numel // 8 + 4), 3 * (numel // 8 + 4), 0, 0)
+    # An allreduce moves only the summed values: RandK's 4-byte stream key stays home.
+    assert hs.Allreduce().pass_bytes(hs.ErrorFeedback(hs.RandK(0.01)), numel, n).pass1_sent \
+        == 2 * 3 * 4000 // 4
+
+
+class _Counting:
+    """FakeWorld collectives that count the bytes this rank sends and receives per pass."""
+
+    def __init__(self, comm):
+        self._comm, self.rank, self.size = comm, comm.rank, comm.size
+        self.sent, self.received = {}, {}
+
+    def new_scope(self):
+        return self._comm.new_scope()
+
+    def launch(self, op, tensor, name):
+        output = self._comm.launch(op, tensor, name)
+        n, nbytes = self.size, tensor.numel() * tensor.element_size()
+        out_bytes = output.numel() * output.element_size()
+        if op == "alltoall":  # my piece for myself does not travel
+            sent, received = nbytes - nbytes // n, out_bytes - out_bytes // n
+        elif op == "allgather":
+            sent, received = (n - 1) * nbytes, out_bytes - nbytes
+        else:  # a ring allreduce
+            sent = received = 2 * (n - 1) * nbytes // n
+        kind = "pass2" if name.endswith("pass2") else "pass1"
+        self.sent[kind] = self.sent.get(kind, 0) + sent
+        self.received[kind] = self.received.get(kind, 0) + received
+        return output
+
+    def wait(self, handle):
+        return self._comm.wait(handle)
+
+
+@pytest.mark.parametrize("algorithm, exchange", [
+    (hs.DoubleSqueeze(hs.ScaledSign()), "sharded"),
+    (hs.ErrorFeedback(hs.TopK(0.05)), "sharded"),
+    (hs.ErrorFeedback(hs.ScaledSign(), server=hs.TopK(0.1)), "sharded"),
+    (hs.NoFeedback(hs.QSGD(4)), "allgather"),
+    (hs.DoubleSqueeze(hs.RandK(0.1)), "allreduce"),
+], ids=str)
+def test_step_stats_bytes_are_what_the_collectives_carried(algorithm, exchange):
+    shapes = [("w1", (300, 7)), ("w2", (999,)), ("bias", (30,))]
+    warmup = 1
+
+    def body(comm):
+        counting = _Counting(comm)
+        engine = SqueezeEngine(algorithm, shapes, collectives=counting, exchange=exchange,
+                               bucket_cap_mb=0.005, min_compress_numel=100, warmup_steps=warmup)
+        stats = []
+        for step in range(2):
+            counting.sent, counting.received = {}, {}
+            for name, shape in reversed(shapes):
+                engine.submit(name, torch.randn(shape, generator=torch.Generator().manual_seed(
+                    step * 10 + comm.rank)))
+            for name, _ in shapes:
+                engine.result(name)
+            carried = PassBytes(counting.sent.get("pass1", 0), counting.received.get("pass1", 0),
+                                counting.sent.get("pass2", 0), counting.received.get("pass2", 0))
+            stats.append((engine.last_stats, carried))
+        return stats
+
+    for rank_stats in FakeWorld(3).run(body):
+        for step, (stats, carried) in enumerate(rank_stats):
+            assert isinstance(stats, StepStats) and stats.step == step
+            assert stats.bytes == carried, f"step {step}"
+            assert stats.fp32_allreduce_bytes == fp32_allreduce_bytes(2100 + 999 + 30, 3)
+            assert stats.compress_seconds >= 0 and stats.communicate_seconds >= 0
+        warm, compressed = rank_stats[0][0], rank_stats[1][0]
+        assert warm.bytes.sent == warm.fp32_allreduce_bytes  # plain during warm-up
+        # Even ErrorFeedback's fp32 pass 2 sends less than the ring's two fp32 passes.
+        assert compressed.bytes.sent < warm.bytes.sent and compressed.compression_ratio > 1.5
