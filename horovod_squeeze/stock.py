@@ -1,4 +1,6 @@
-"""Horovod's own ``compression=`` hook: which algorithms can go through it, and their two stages.
+"""Horovod's own ``compression=`` hook: which algorithms can go through it, and the ``allreduce``
+exchange of one tensor split around it (:func:`start` before Horovod's allreduce, :func:`finish`
+after).
 
 The hook receives one tensor at a time, keeps no state, and Horovod's allreduce *sums* (averages)
 what it returns, so only linear worker compressors are correct through it. Each tensor gets its own
@@ -9,14 +11,16 @@ and any server compressor works. The framework classes (``horovod_squeeze.torch.
 """
 from __future__ import annotations
 
-import math
 import zlib
 
-from horovod_squeeze.algorithms.base import Algorithm, StageContext
-from horovod_squeeze.exchange import PASS1, PASS2, stage_nonce
+from horovod_squeeze.algorithms.base import Algorithm
+from horovod_squeeze.buckets import Bucket
+from horovod_squeeze.exchange import Allreduce, BucketResult, StepContext
 from horovod_squeeze.plan import check_algorithm as check_is_algorithm
 
-__all__ = ["stream_id", "check_algorithm", "stock_compress", "stock_decompress"]
+__all__ = ["stream_id", "check_algorithm", "start", "finish"]
+
+_ALLREDUCE = Allreduce()
 
 
 def stream_id(name: str) -> int:
@@ -36,31 +40,22 @@ def check_algorithm(algorithm, compressed_wrapper: str) -> Algorithm:
     return algorithm
 
 
-def stock_compress(codec, algorithm: Algorithm, flat, state: dict, *, step, name: str):
-    """Before the allreduce: the worker stage on the tensor's shared stream.
+def start(codec, algorithm: Algorithm, flat, state: dict, *, step, name: str):
+    """Before Horovod's allreduce: the ``allreduce`` exchange of one tensor, on its own stream
+    (bucket ``stream_id(name)``), up to its collective.
 
-    Returns ``(header, values, new_state)``: the values Horovod averages, and the payload's header
-    (RandK's stream key), which never travels because every rank computes the same one.
+    Returns ``(values, steps)``: the values the hook hands Horovod, and the exchange to
+    :func:`finish` with their average. Rank and size do not enter this exchange.
     """
-    sent = algorithm.worker_stage(
-        codec, flat, state, StageContext(stage_nonce(step, stream_id(name), 0, PASS1), name, step))
-    header, values = codec.split_linear(algorithm.worker, sent.payload, _numel(flat))
-    return header, values, sent.state
+    bucket = Bucket(stream_id(name), [name], [tuple(flat.shape)], _ALLREDUCE)
+    steps = _ALLREDUCE.run(codec, algorithm, bucket, flat, state, StepContext(step, 0, 1))
+    return next(steps).tensor, steps
 
 
-def stock_decompress(codec, algorithm: Algorithm, header, values, state: dict, *, step,
-                     name: str, numel: int):
-    """After the allreduce, on every rank: decode the average and run the server stage on it.
-
-    Returns ``(decoded, new_state)``.
-    """
-    payload = codec.join_linear(algorithm.worker, header, values, numel)
-    average = codec.decompress(algorithm.worker, payload, numel, name=name)
-    served = algorithm.server_stage(
-        codec, [average], state, StageContext(stage_nonce(step, stream_id(name), 0, PASS2), name,
-                                              step))
-    return served.decoded, served.state
-
-
-def _numel(x) -> int:
-    return math.prod(int(d) for d in x.shape)
+def finish(steps, averaged) -> BucketResult:
+    """After Horovod's allreduce, on every rank: decode the average, run the server stage."""
+    try:
+        steps.send(averaged)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("the allreduce exchange asked for a second collective")

@@ -24,10 +24,9 @@ class SqueezeGradients:
     """``(grads, vars) -> averaged grads`` through a compressed exchange (Horovod's signature)."""
 
     def __init__(self, algorithm: Algorithm, *, op_is_sum: bool, gradient_predivide_factor: float,
-                 process_set, options: EngineOptions, on_build=None, learning_rate=None):
+                 process_set, options: EngineOptions, on_build=None):
         self.algorithm = algorithm
         self.options = options
-        self.learning_rate = learning_rate
         self.collectives = HorovodCollectives(process_set)
         # Average is what the algorithms compute; Sum is the same times the number of ranks.
         self.prescale = 1.0 / gradient_predivide_factor
@@ -55,7 +54,6 @@ class SqueezeGradients:
                 engine = SqueezeEngine(self.algorithm, _named_shapes(variables),
                                        collectives=self.collectives,
                                        device=variables[0].device if variables else None,
-                                       learning_rate=self.learning_rate,
                                        **dataclasses.asdict(self.options))
                 self.engines[key] = engine
                 self._compiled[key] = tf.function(engine.__call__, autograph=False)

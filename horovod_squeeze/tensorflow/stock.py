@@ -18,7 +18,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from horovod_squeeze.algorithms import Algorithm
-from horovod_squeeze.stock import check_algorithm, stock_compress, stock_decompress, stream_id
+from horovod_squeeze import stock
+from horovod_squeeze.stock import check_algorithm, stream_id
 from horovod_squeeze.tensorflow import codecs
 
 __all__ = ["StockCompression", "stream_id"]
@@ -59,25 +60,17 @@ class StockCompression:
         raise ValueError(f"StockCompression got a gradient of shape {tensor.shape} that matches "
                          "none of its variables; pass the variables Horovod averages")
 
-    def _keep(self, i: int, new_state: dict) -> None:
-        for key, value in new_state.items():
-            self.state[i][key].assign(value)
-
     def compress(self, tensor):
         i = self._index(tensor)
-        step = tf.identity(self.steps[i])
         flat = tf.reshape(tf.cast(tensor, tf.float32), [-1])
-        header, values, new_state = stock_compress(codecs.on(), self.algorithm, flat,
-                                                   dict(self.state[i]), step=step,
-                                                   name=self.variables[i].name)
-        self._keep(i, new_state)
-        return values, (i, step, header, tensor.shape, tensor.dtype)
+        values, steps = stock.start(codecs.on(), self.algorithm, flat, dict(self.state[i]),
+                                    step=tf.identity(self.steps[i]), name=self.variables[i].name)
+        return values, (i, steps, tensor.shape, tensor.dtype)
 
     def decompress(self, values, ctx):
-        i, step, header, shape, dtype = ctx
-        decoded, new_state = stock_decompress(
-            codecs.on(), self.algorithm, header, tf.reshape(values, [-1]), dict(self.state[i]),
-            step=step, name=self.variables[i].name, numel=shape.num_elements())
-        self._keep(i, new_state)
+        i, steps, shape, dtype = ctx
+        result = stock.finish(steps, tf.reshape(values, [-1]))
+        for key, value in result.state.items():
+            self.state[i][key].assign(value)
         self.steps[i].assign_add(1)
-        return tf.cast(tf.reshape(decoded, shape), dtype)
+        return tf.cast(tf.reshape(result.output, shape), dtype)

@@ -108,9 +108,9 @@ class SqueezeEngine:
         for bucket, flight in self._flights:
             for name, value in flight.result.state.items():
                 self.state[bucket.index][name].copy_(value)
-            for name, _, start, stop in bucket.spans():
-                self._results[name] = flight.result.output[start:stop].reshape(
-                    bucket.shapes[bucket.names.index(name)]).to(self._dtypes[name])
+            for name, shape, start, stop in bucket.spans():
+                self._results[name] = flight.result.output[start:stop].reshape(shape).to(
+                    self._dtypes[name])
             timing = [timing[0] + flight.compute_seconds, timing[1] + flight.wait_seconds,
                       timing[2] + flight.finish_seconds]
         self._flights = []

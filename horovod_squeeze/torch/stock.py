@@ -13,12 +13,11 @@ Everything else (sign, top-k, quantizers) needs :func:`horovod_squeeze.torch.Dis
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from horovod_squeeze.algorithms import Algorithm
-from horovod_squeeze.stock import check_algorithm, stock_compress, stock_decompress, stream_id
+from horovod_squeeze import stock
+from horovod_squeeze.stock import check_algorithm, stream_id
 from horovod_squeeze.torch import codecs
 
 __all__ = ["StockCompression", "stream_id"]
@@ -61,24 +60,18 @@ class StockCompression:
             self.state[name] = {spec.name: torch.zeros_like(like) for spec in self.algorithm.state()}
         return self.state[name]
 
-    def _keep(self, name: str, new_state: dict) -> None:
-        for key, value in new_state.items():
-            self.state[name][key].copy_(value)
-
     def compress(self, tensor: torch.Tensor):
         name = self._name(tensor)
         step = self.steps.get(name, 0)
         flat = tensor.detach().reshape(-1).to(torch.float32)
-        header, values, new_state = stock_compress(codecs.on(flat.device), self.algorithm, flat,
-                                                   self._state(name, flat), step=step, name=name)
-        self._keep(name, new_state)
-        return values, (name, step, header, tensor.shape, tensor.dtype)
+        values, steps = stock.start(codecs.on(flat.device), self.algorithm, flat,
+                                    self._state(name, flat), step=step, name=name)
+        return values, (name, steps, tensor.shape, tensor.dtype)
 
     def decompress(self, values: torch.Tensor, ctx):
-        name, step, header, shape, dtype = ctx
-        decoded, new_state = stock_decompress(
-            codecs.on(values.device), self.algorithm, header, values,
-            self.state[name], step=step, name=name, numel=math.prod(shape))
-        self._keep(name, new_state)
-        self.steps[name] = step + 1
-        return decoded.reshape(shape).to(dtype)
+        name, steps, shape, dtype = ctx
+        result = stock.finish(steps, values)
+        for key, value in result.state.items():
+            self.state[name][key].copy_(value)
+        self.steps[name] = self.steps.get(name, 0) + 1
+        return result.output.reshape(shape).to(dtype)
