@@ -2,14 +2,10 @@
 PyTorch engine on in-process ranks (``benchmarks/gpu_check.py``, which ``scripts/gpu_check.sh``
 runs in full). Skipped without CUDA; the CPU-against-CPU case runs everywhere, so the comparison
 itself stays tested."""
-import pathlib
-import sys
-
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import gpu_check  # noqa: E402
+from benchmarks import gpu_check
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))]

@@ -1,6 +1,5 @@
 """horovod_squeeze.torch.DistributedOptimizer on 2 and 4 ranks against the NumPy simulation, and
 the constant-gradient drift that error compensation exists to remove."""
-import hashlib
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import horovod_squeeze as hs
 from horovod_squeeze.exchange import PassBytes, fp32_allreduce_bytes, make_exchange
 from horovod_squeeze.reference.simulate import init_state, simulate_step
 from horovod_squeeze.testing import run_on_ranks
+from benchmarks import constant_gradient_drift
 from simulation_cases import (
     CONFIGS, SHAPES, STEPS, assert_close, check_against_simulation, gradient,
 )
@@ -335,58 +335,16 @@ def test_accumulation_unused_parameters_and_warmup_match_simulation():
 
 # --- the constant-gradient drift ------------------------------------------------------------------
 
-DRIFT_NUMEL = 2 ** 18
-DRIFT_STEPS = 200
-DRIFT_ALGORITHMS = {"DoubleSqueeze": hs.DoubleSqueeze(hs.ScaledSign()),
-                    "ErrorFeedback": hs.ErrorFeedback(hs.ScaledSign()),
-                    "NoFeedback": hs.NoFeedback(hs.ScaledSign())}
-DRIFT_EXCHANGES = ("sharded", "allgather")
-
-
-def _constant_gradient(rank):
-    return np.random.default_rng(2024 + rank).standard_normal(DRIFT_NUMEL).astype(np.float32)
-
-
-def _constant_gradient_drift():
-    """Rank body: SGD (lr 1) on one parameter whose gradient is g_r on rank r at every step, for
-    every algorithm and exchange; per config, the drift ||w_T + T mean_r g_r|| / ||T mean_r g_r||
-    and a digest of the weights."""
-    import horovod.torch as hvd
-    import torch
-
-    import horovod_squeeze.torch as hst
-
-    hvd.init()
-    exact = DRIFT_STEPS * np.mean([_constant_gradient(r).astype(np.float64)
-                                   for r in range(hvd.size())], axis=0)
-    grad = torch.from_numpy(_constant_gradient(hvd.rank()))
-    out = {}
-    for name, algorithm in DRIFT_ALGORITHMS.items():
-        for exchange in DRIFT_EXCHANGES:
-            weight = torch.nn.Parameter(torch.zeros(DRIFT_NUMEL))
-            optimizer = hst.DistributedOptimizer(
-                torch.optim.SGD([weight], lr=1.0), named_parameters=[("w", weight)],
-                compression=algorithm, exchange=exchange)
-            for _ in range(DRIFT_STEPS):
-                optimizer.zero_grad()
-                (weight * grad).sum().backward()
-                optimizer.step()
-            final = weight.detach().numpy()
-            drift = np.linalg.norm(final.astype(np.float64) + exact) / np.linalg.norm(exact)
-            out[name, exchange] = (float(drift), hashlib.sha256(final.tobytes()).hexdigest())
-    return out
-
-
 @pytest.mark.parametrize("num_proc", [2, 4])
 def test_error_compensation_removes_the_constant_gradient_drift(num_proc):
-    results = run_on_ranks(_constant_gradient_drift, num_proc, "gloo", timeout=400)
+    results = constant_gradient_drift.measure(num_proc)
     drifts = {config: drift for config, (drift, _) in results[0].items()}
     for config, drift in drifts.items():
         print(f"drift {num_proc} ranks {config[0]:>13} {config[1]:>9}: {drift:.4f}")
     for rank in range(1, num_proc):  # weights bit-identical across ranks
         assert results[rank] == results[0], f"rank {rank} ended with other weights"
     compensated = [drifts[a, e] for a in ("DoubleSqueeze", "ErrorFeedback")
-                   for e in DRIFT_EXCHANGES]
+                   for e in constant_gradient_drift.EXCHANGES]
     assert max(compensated) < 0.10, drifts
-    for exchange in DRIFT_EXCHANGES:
+    for exchange in constant_gradient_drift.EXCHANGES:
         assert drifts["NoFeedback", exchange] >= 5 * max(compensated), drifts
