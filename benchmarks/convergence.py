@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/convergence.py                 # PyTorch: 3 seeds, 60 epochs
     .venv/bin/python benchmarks/convergence.py --framework keras --contenders fp32,ds-sign
     .venv/bin/python benchmarks/convergence.py --seeds 1 --epochs 10   # a quick look
+    .venv/bin/python benchmarks/convergence.py --optimizer momentum    # or adam
 
 Each contender trains ``examples/pytorch_digits.py`` (or ``examples/keras_digits.py``: the same
 network, split and schedule under ``model.fit``) under ``horovodrun -np 4 --gloo`` once per seed.
-Printed and written to ``benchmarks/results/convergence_<framework>.json`` (or ``--results``): per
+Printed and written to ``benchmarks/results/convergence_<framework>[_<optimizer>].json`` (or
+``--results``): per
 contender and seed the held-out accuracy and the bytes each rank sent per step, and the mean
 accuracy over seeds.
 
@@ -28,6 +30,8 @@ import tempfile
 
 from tqdm import tqdm
 
+from training_runs import choose_contenders
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = {"pytorch": "pytorch_digits.py", "keras": "keras_digits.py"}
 
@@ -47,9 +51,19 @@ CONTENDERS = {  # short name: (label, example flags)
                 ["--algorithm", "doublesqueeze", "--compressor", "scaledsign"]),
     "ds-topk": ("DoubleSqueeze(TopK(0.01))",
                 ["--algorithm", "doublesqueeze", "--compressor", "topk", "--ratio", "0.01"]),
+    "ds-sign-after": ("DoubleSqueeze(ScaledSign), momentum applied after the exchange",
+                      ["--algorithm", "doublesqueeze", "--compressor", "scaledsign",
+                       "--no-worker-momentum"]),
 }
 #: What runs unless --contenders names others: the recorded runs' contenders.
 DEFAULT = ["fp32", "nf-sign", "ef-sign", "ds-sign", "ds-topk"]
+
+OPTIMIZERS = {  # --optimizer: (description, example flags); every contender, fp32 included, gets them
+    "sgd": ("SGD, lr 0.1 x ranks", []),
+    # lr 0.1 x ranks with momentum 0.9 diverges in fp32 too; 0.01 x ranks is its usual partner.
+    "momentum": ("SGD momentum 0.9, lr 0.01 x ranks", ["--momentum", "0.9", "--lr", "0.01"]),
+    "adam": ("Adam, lr 0.001 x ranks, 100 exact warm-up steps", ["--optimizer", "adam"]),
+}
 
 
 def run(example, contender_args, seed, epochs, num_proc):
@@ -71,6 +85,9 @@ def main():
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--num-proc", type=int, default=4)
     parser.add_argument("--framework", choices=list(EXAMPLES), default="pytorch")
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd",
+                        help="the optimizer every contender wraps (momentum and Adam: worker-side, "
+                        "the examples' default)")
     parser.add_argument("--contenders", default=",".join(DEFAULT),
                         help=f"comma-separated, from {', '.join(CONTENDERS)} (fp32 is required; "
                         f"default: {','.join(DEFAULT)})")
@@ -78,17 +95,14 @@ def main():
                         help="where to write the JSON (default: "
                         "benchmarks/results/convergence_<framework>.json)")
     args = parser.parse_args()
-    chosen = args.contenders.split(",")
-    unknown = set(chosen) - set(CONTENDERS)
-    if unknown or "fp32" not in chosen:
-        parser.error(f"--contenders: unknown {sorted(unknown)}" if unknown else
-                     "--contenders must include fp32, the baseline")
+    chosen = choose_contenders(parser, args.contenders, CONTENDERS)
 
     runs = []
     jobs = [(short, seed) for seed in range(1, args.seeds + 1) for short in chosen]
     for short, seed in tqdm(jobs, desc="training runs"):
         label, flags = CONTENDERS[short]
-        metrics = run(EXAMPLES[args.framework], flags, seed, args.epochs, args.num_proc)
+        metrics = run(EXAMPLES[args.framework], flags + OPTIMIZERS[args.optimizer][1], seed,
+                      args.epochs, args.num_proc)
         runs.append({"contender": label, **metrics})
 
     summary = {}
@@ -107,15 +121,18 @@ def main():
               f"{s['bytes_sent_per_step']:>11} "
               f"{s['fp32_allreduce_bytes_per_step'] / s['bytes_sent_per_step']:>11.1f}x")
 
-    results = args.results or ROOT / "benchmarks" / "results" / f"convergence_{args.framework}.json"
+    suffix = "" if args.optimizer == "sgd" else f"_{args.optimizer}"
+    results = args.results or (ROOT / "benchmarks" / "results"
+                               / f"convergence_{args.framework}{suffix}.json")
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({
-        "benchmark": f"convergence_{args.framework}",
+        "benchmark": f"convergence_{args.framework}{suffix}",
         "command": f"python benchmarks/convergence.py --framework {args.framework} "
-                   f"--contenders {args.contenders} --seeds {args.seeds} --epochs {args.epochs} "
-                   f"--num-proc {args.num_proc}",
+                   f"--optimizer {args.optimizer} --contenders {args.contenders} "
+                   f"--seeds {args.seeds} --epochs {args.epochs} --num-proc {args.num_proc}",
         "task": f"examples/{EXAMPLES[args.framework]}: scikit-learn digits, {args.num_proc} ranks, "
-                "SGD, lr 0.1 x ranks, 1-epoch warm-up + cosine decay, batch 32 per rank",
+                f"{OPTIMIZERS[args.optimizer][0]}, 1-epoch warm-up + cosine decay, "
+                "batch 32 per rank",
         "summary": summary, "runs": runs}, indent=1))
     print(f"wrote {results}")
 

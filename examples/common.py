@@ -25,10 +25,13 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
-    parser.add_argument("--lr", type=float, default=0.1, help="scaled by the number of ranks")
-    # Momentum applied after an error-compensated exchange amplifies the residuals' delay; plain
-    # SGD is the setting the DoubleSqueeze analysis covers (see docs/algorithms.md).
-    parser.add_argument("--momentum", type=float, default=0.0)
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="scaled by the number of ranks (default: 0.1 for sgd, 0.001 for adam)")
+    parser.add_argument("--momentum", type=float, default=0.0, help="sgd's momentum")
+    parser.add_argument("--no-worker-momentum", dest="worker_momentum", action="store_false",
+                        help="apply the optimizer's momentum (adam: its moments) to the averaged "
+                        "gradient instead of compressing each worker's momentum")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--algorithm", choices=["none", *ALGORITHMS], default="doublesqueeze")
     parser.add_argument("--compressor", choices=list(COMPRESSORS), default="scaledsign",
@@ -45,9 +48,26 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--exchange", choices=["sharded", "allgather", "allreduce"],
                         default="sharded")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0)
-    parser.add_argument("--warmup-steps", type=int, default=0, help="uncompressed initial steps")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="uncompressed initial steps (default: 0 for sgd, 100 for adam)")
     parser.add_argument("--json", help="rank 0 writes the final metrics to this file")
     return parser
+
+
+def learning_rate(args) -> float:
+    """The per-rank learning rate the flags give (before scaling by the number of ranks)."""
+    if args.lr is not None:
+        return args.lr
+    return 0.1 if args.optimizer == "sgd" else 0.001
+
+
+def engine_options(args) -> dict:
+    """The DistributedOptimizer options the flags give (warm-up only where named)."""
+    options = {"exchange": args.exchange, "bucket_cap_mb": args.bucket_cap_mb,
+               "worker_momentum": args.worker_momentum}
+    if args.warmup_steps is not None:
+        options["warmup_steps"] = args.warmup_steps
+    return options
 
 
 def algorithm(args):

@@ -22,7 +22,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import horovod_squeeze.tensorflow.keras as hsk  # noqa: E402
-from common import algorithm, argument_parser, digits_split, report  # noqa: E402
+from common import (  # noqa: E402
+    algorithm, argument_parser, digits_split, engine_options, learning_rate, report,
+)
 
 
 # Registered: Horovod rebuilds the optimizer from its config, schedule included.
@@ -70,16 +72,18 @@ def main():
     x_train, x_test, y_train, y_test = digits_split(args.seed)
     x_train, y_train = x_train[hvd.rank()::hvd.size(), ..., None], y_train[hvd.rank()::hvd.size()]
     steps_per_epoch = len(x_train) // args.batch_size
-    schedule = WarmupCosine(args.lr * hvd.size(), steps_per_epoch, args.epochs * steps_per_epoch)
-    optimizer = tf.keras.optimizers.SGD(schedule, momentum=args.momentum)
+    schedule = WarmupCosine(learning_rate(args) * hvd.size(), steps_per_epoch,
+                            args.epochs * steps_per_epoch)
+    if args.optimizer == "sgd":
+        optimizer = tf.keras.optimizers.SGD(schedule, momentum=args.momentum)
+    else:
+        optimizer = tf.keras.optimizers.Adam(schedule)
     compression = algorithm(args)
     if compression is None:
         optimizer = hvd.DistributedOptimizer(optimizer)
     else:
         optimizer = hsk.DistributedOptimizer(optimizer, compression=compression,
-                                             exchange=args.exchange,
-                                             bucket_cap_mb=args.bucket_cap_mb,
-                                             warmup_steps=args.warmup_steps)
+                                             **engine_options(args))
     model = digits_net()
     model.compile(optimizer=optimizer, metrics=["accuracy"],
                   loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))

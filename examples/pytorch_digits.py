@@ -5,6 +5,8 @@ Run on 4 local ranks with DoubleSqueeze and 1-bit scaled-sign compression:
     horovodrun -np 4 --gloo python examples/pytorch_digits.py --algorithm doublesqueeze \
         --compressor scaledsign
 
+``--optimizer adam`` or ``--momentum 0.9`` train with Adam or momentum SGD (each worker's
+momentum is what is compressed; ``--no-worker-momentum`` applies it after the exchange instead).
 ``--server-compressor`` names pass 2's compressor (e.g. ``--algorithm errorfeedback --compressor
 topk --server-compressor scaledsign``); by default it is the algorithm's own. ``--algorithm none``
 trains with Horovod's plain fp32 allreduce, the baseline. Each rank trains on
@@ -19,17 +21,21 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import horovod_squeeze.torch as hst
-from common import algorithm, argument_parser, digits_split, report
+from common import (
+    algorithm, argument_parser, digits_split, engine_options, learning_rate, report,
+)
 
 
 def make_optimizer(args, model):
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * hvd.size(), momentum=args.momentum)
+    lr = learning_rate(args) * hvd.size()
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     if args.algorithm == "none":
         return hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
     return hst.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
-                                    compression=algorithm(args), exchange=args.exchange,
-                                    bucket_cap_mb=args.bucket_cap_mb,
-                                    warmup_steps=args.warmup_steps)
+                                    compression=algorithm(args), **engine_options(args))
 
 
 class DigitsNet(torch.nn.Module):

@@ -3,7 +3,11 @@
 :class:`ArrayOps` lists the primitives a framework binding provides (``horovod_squeeze.torch`` and
 ``horovod_squeeze.tensorflow`` each implement it in a few lines per method); :class:`Codec` builds
 every compressor from them. Tensors are flat; counts that shape the payload (``numel``, ``k``,
-blocks) are Python integers, so TensorFlow graphs keep static shapes.
+segments, blocks) are Python integers, so TensorFlow graphs keep static shapes.
+
+A vector's ``segments`` (see :func:`horovod_squeeze.compressors.segment_lengths`) are compressed
+segment by segment where the compressor has a scale or norm; the padding past them never enters a
+compressor and decodes to exactly 0.
 
 The arithmetic mirrors :mod:`horovod_squeeze.reference.codecs` operation for operation (float32
 element math, float64 accumulation rounded once to float32, draws from
@@ -175,42 +179,54 @@ class Codec:
             C.Identity: self._identity, C.FP16: self._fp16, C.TopK: self._topk,
             C.RandK: self._randk, C.ScaledSign: self._scaled_sign, C.QSGD: self._qsgd,
             C.Ternary: self._ternary, C.Natural: self._natural,
-            C.ToContractive: lambda spec, v, nonce, name: self._sections(spec.inner, v, nonce, name),
+            C.ToContractive: lambda spec, v, segments, nonce, name: self._sections(
+                spec.inner, v, segments, nonce, name),
         }
 
     # --- public entry points -------------------------------------------------------------------
 
-    def compress(self, spec: C.Compressor, x: Tensor, *, nonce: int = 0,
-                 name: str = "tensor") -> Tensor:
-        """``x`` (any float tensor, flattened in C order) as its uint8 wire payload."""
+    def compress(self, spec: C.Compressor, x: Tensor, *, nonce: int = 0, name: str = "tensor",
+                 segments=None) -> Tensor:
+        """``x`` (any float tensor, flattened in C order) as its uint8 wire payload.
+
+        ``segments``: the lengths of its real segments (``None``: one segment, the whole tensor).
+        """
         self._check_spec(spec)
         v = self.xp.flat_float32(x, name)
-        layout = spec.layout(int(math.prod(v.shape)))
-        return self._pack(layout, self._sections(spec, v, nonce, name))
+        numel = int(math.prod(v.shape))
+        segments = C.segment_lengths(numel, segments, name=name)
+        real = sum(segments)
+        if real < numel:  # padding never travels
+            v = self.xp.slice(v, 0, real)
+        return self._pack(spec.layout(numel, segments),
+                          self._sections(spec, v, segments, nonce, name))
 
     def decompress(self, spec: C.Compressor, payload: Tensor, numel: int, *,
-                   name: str = "payload") -> Tensor:
-        """A payload made by :meth:`compress` back to a flat float32 tensor of ``numel`` entries."""
+                   name: str = "payload", segments=None) -> Tensor:
+        """A payload made by :meth:`compress` back to a flat float32 tensor of ``numel`` entries
+        (the same ``segments``; padding decodes to 0)."""
         self._check_spec(spec)
-        layout = spec.layout(numel)
+        segments = C.segment_lengths(numel, segments, name=name)
+        layout = spec.layout(numel, segments)
         dtype, shape = self.xp.payload_size(payload)
         if dtype != "uint8" or shape != (layout.nbytes,):
             raise ValueError(f"{name}: {type(spec).__name__} payload for {numel} entries must be "
                              f"a 1-D uint8 tensor of {layout.nbytes} bytes, got {dtype} {shape}")
-        return self._decode(spec, self._unpack(layout, payload), numel)
+        decoded = self._decode(spec, self._unpack(layout, payload), segments)
+        return decoded if sum(segments) == numel else self.xp.pad(decoded, numel)
 
-    def split_linear(self, spec: C.Compressor, payload: Tensor, numel: int):
+    def split_linear(self, spec: C.Compressor, payload: Tensor, numel: int, segments=None):
         """A linear compressor's payload as (header bytes, values that an allreduce averages), the
         values in their wire dtype (float16 or float32)."""
-        section, start, stop = next(s for s in spec.layout(numel).spans()
+        section, start, stop = next(s for s in spec.layout(numel, segments).spans()
                                     if s[0].name == "values")
         values = self.xp.from_bytes(self.xp.slice(payload, start, stop), section.kind)
         return self.xp.slice(payload, 0, start), self.xp.cast(values, section.kind)
 
     def join_linear(self, spec: C.Compressor, header: Tensor, values: Tensor,
-                    numel: int) -> Tensor:
+                    numel: int, segments=None) -> Tensor:
         """Inverse of :meth:`split_linear`: the payload with (averaged) values after its header."""
-        kind = spec.layout(numel)["values"].kind
+        kind = spec.layout(numel, segments)["values"].kind
         return self.xp.concat([header, self.xp.to_bytes(self.xp.reshape(values, (-1,)), kind)])
 
     # --- wire -----------------------------------------------------------------------------------
@@ -243,9 +259,10 @@ class Codec:
         if type(spec) not in self._compressors:
             raise TypeError(f"expected a compressor spec from horovod_squeeze, got {spec!r}")
 
-    def _sections(self, spec, v, nonce, name) -> dict[str, Tensor]:
+    def _sections(self, spec, v, segments, nonce, name) -> dict[str, Tensor]:
+        """The sections of ``v``: the real entries, in ``segments``."""
         self._check_spec(spec)
-        return self._compressors[type(spec)](spec, v, nonce, name)
+        return self._compressors[type(spec)](spec, v, segments, nonce, name)
 
     def _check_finite(self, value, spec, name) -> None:
         xp = self.xp
@@ -257,25 +274,35 @@ class Codec:
         draws = hash32(xp.arange(numel) ^ key) // 256
         return xp.cast(draws, "float32") * xp.constant(UNIFORM24_SCALE, "float32")
 
-    def _blocks(self, v, numel: int, block_size) -> tuple[Tensor, int, int]:
-        """``v`` as a zero-padded (blocks, size) matrix, with the block count and size."""
-        size = numel if block_size is None else block_size
-        num_blocks = -(-numel // size) if numel else 0
-        if num_blocks * size != numel:
-            v = self.xp.pad(v, num_blocks * size)
-        return self.xp.reshape(v, (num_blocks, size)), num_blocks, size
+    def _per_block(self, v, segments, block_size, reduce: Callable[[Tensor], Tensor]) -> Tensor:
+        """``reduce`` of every block's row: each segment as a zero-padded (blocks, size) matrix,
+        the results concatenated in order (the blocks of
+        :func:`~horovod_squeeze.compressors.block_lengths`)."""
+        xp = self.xp
+        parts, start = [], 0
+        for length in segments or (0,):  # an empty vector: one empty matrix, for the dtype
+            size = length if block_size is None else block_size
+            num_blocks = -(-length // size) if length else 0
+            rows = xp.slice(v, start, start + length)
+            if num_blocks * size != length:
+                rows = xp.pad(rows, num_blocks * size)
+            parts.append(reduce(xp.reshape(rows, (num_blocks, size))))
+            start += length
+        return parts[0] if len(parts) == 1 else xp.concat(parts)
 
-    def _block_counts(self, numel: int, num_blocks: int, size: int) -> Tensor:
-        counts = [size] * num_blocks
-        if num_blocks:
-            counts[-1] = numel - size * (num_blocks - 1)
-        return self.xp.constant(counts, "float64")
-
-    def _per_entry(self, block_values, numel: int, block_size) -> Tensor:
-        """Per-block values spread over their entries (one block: left to broadcasting)."""
-        if block_size is None or numel <= block_size:
+    def _per_entry(self, block_values, segments, block_size) -> Tensor:
+        """Per-block values spread over their entries (a single block: left to broadcasting)."""
+        xp = self.xp
+        counts = [1 if block_size is None else -(-length // block_size) for length in segments]
+        if sum(counts) <= 1:
             return block_values
-        return self.xp.slice(self.xp.repeat(block_values, block_size), 0, numel)
+        parts, first = [], 0
+        for length, count in zip(segments, counts):
+            size = length if block_size is None else block_size
+            spread = xp.repeat(xp.slice(block_values, first, first + count), size)
+            parts.append(spread if count * size == length else xp.slice(spread, 0, length))
+            first += count
+        return xp.concat(parts)
 
     def _topk_indices(self, magnitude, k: int) -> Tensor:
         """Ascending indices of the k largest entries, ties to the lower index."""
@@ -286,19 +313,19 @@ class Codec:
         chosen = above | (tied & (xp.cumsum(tied) <= k - xp.count(above)))
         return xp.reshape(xp.nonzero(chosen), (k,))
 
-    # --- compressors ------------------------------------------------------------------------------
+    # --- compressors: ``v`` holds the real entries only -------------------------------------------
 
-    def _identity(self, spec, v, nonce, name):
+    def _identity(self, spec, v, segments, nonce, name):
         return {"values": v}
 
-    def _fp16(self, spec, v, nonce, name):
+    def _fp16(self, spec, v, segments, nonce, name):
         xp = self.xp
         xp.check(xp.count(xp.abs(v) < C.FP16_OVERFLOW) == math.prod(v.shape),
                  lambda: ValueError(f"{name}: FP16 got NaN, Inf or magnitudes above "
                                     f"{C.FP16_MAX} (float16's largest finite value)"))
         return {"values": v}
 
-    def _topk(self, spec, v, nonce, name):
+    def _topk(self, spec, v, segments, nonce, name):
         xp = self.xp
         numel = math.prod(v.shape)
         self._check_finite(xp.sum64(v), spec, name)
@@ -336,7 +363,7 @@ class Codec:
         k = C.topk_count(spec.ratio, numel)
         return self.xp.constant(numel / max(k, 1) if spec.unbiased else 1.0, "float32")
 
-    def _randk(self, spec, v, nonce, name):
+    def _randk(self, spec, v, segments, nonce, name):
         xp = self.xp
         numel = math.prod(v.shape)
         self._check_finite(xp.sum64(v), spec, name)
@@ -344,52 +371,57 @@ class Codec:
         values = xp.gather(v, self._randk_indices(spec, numel, key)) * self._randk_scale(spec, numel)
         return {"key": xp.constant([key], "int64"), "values": values}
 
-    def _scaled_sign(self, spec, v, nonce, name):
+    def _scaled_sign(self, spec, v, segments, nonce, name):
         xp = self.xp
-        numel = math.prod(v.shape)
-        blocks, num_blocks, size = self._blocks(v, numel, spec.block_size)
-        counts = self._block_counts(numel, num_blocks, size)
+        counts = xp.constant(list(C.block_lengths(segments, spec.block_size)), "float64")
         if spec.scale == "l1":
-            scales = xp.power_sum64(blocks, 1, axis=1) / counts
+            sums = self._per_block(v, segments, spec.block_size,
+                                   lambda rows: xp.power_sum64(rows, 1, axis=1))
+            scales = sums / counts
         else:
-            scales = xp.sqrt(xp.power_sum64(blocks, 2, axis=1) / counts)
+            sums = self._per_block(v, segments, spec.block_size,
+                                   lambda rows: xp.power_sum64(rows, 2, axis=1))
+            scales = xp.sqrt(sums / counts)
         scales = xp.cast(scales, "float32")
         self._check_finite(scales, spec, name)
         if spec.zeros == "positive":
             bits = v >= 0  # -0.0 counts as zero, hence positive
         else:
-            bits = (v > 0) | ((v == 0) & (xp.arange(numel) % 2 == 0))
+            bits = (v > 0) | ((v == 0) & (xp.arange(math.prod(v.shape)) % 2 == 0))
         return {"scales": scales, "signs": bits}
 
-    def _qsgd(self, spec, v, nonce, name):
+    def _qsgd(self, spec, v, segments, nonce, name):
         xp = self.xp
-        numel = math.prod(v.shape)
-        quantum = xp.cast(xp.sqrt(xp.power_sum64(v, 2)) / spec.levels, "float32")
-        self._check_finite(quantum, spec, name)
+        quanta = self._per_block(v, segments, None, lambda rows: xp.cast(
+            xp.sqrt(xp.power_sum64(rows, 2, axis=1)) / spec.levels, "float32"))
+        self._check_finite(quanta, spec, name)
+        quantum = self._per_entry(quanta, segments, None)
         positive = quantum > 0
         safe_quantum = xp.where(positive, quantum, xp.constant(1.0, "float32"))
         ratio = xp.where(positive, xp.abs(v) / safe_quantum, xp.constant(0.0, "float32"))
         floor = xp.floor(ratio)
-        up = xp.cast(self._uniform(numel, stream_key(spec.seed, nonce)) < ratio - floor, "float32")
+        draws = self._uniform(math.prod(v.shape), stream_key(spec.seed, nonce))
+        up = xp.cast(draws < ratio - floor, "float32")
         levels = xp.cast(xp.minimum(floor + up, xp.constant(float(spec.levels), "float32")), "int64")
-        return {"quantum": xp.reshape(quantum, (1,)), "codes": levels * 2 + xp.cast(v < 0, "int64")}
+        return {"quantum": quanta, "codes": levels * 2 + xp.cast(v < 0, "int64")}
 
-    def _ternary(self, spec, v, nonce, name):
+    def _ternary(self, spec, v, segments, nonce, name):
         xp = self.xp
-        numel = math.prod(v.shape)
-        blocks, _, _ = self._blocks(v, numel, spec.block_size)
         if spec.p == "inf":
             self._check_finite(xp.sum64(v), spec, name)
-            norms = xp.max(xp.abs(blocks), axis=1)
+            norms = self._per_block(v, segments, spec.block_size,
+                                    lambda rows: xp.max(xp.abs(rows), axis=1))
         else:
-            norms = xp.cast(xp.sqrt(xp.power_sum64(blocks, 2, axis=1)), "float32")
+            norms = self._per_block(v, segments, spec.block_size, lambda rows: xp.cast(
+                xp.sqrt(xp.power_sum64(rows, 2, axis=1)), "float32"))
             self._check_finite(norms, spec, name)
-        norm = self._per_entry(norms, numel, spec.block_size)
-        keep = self._uniform(numel, stream_key(spec.seed, nonce)) * norm < xp.abs(v)
+        norm = self._per_entry(norms, segments, spec.block_size)
+        draws = self._uniform(math.prod(v.shape), stream_key(spec.seed, nonce))
+        keep = draws * norm < xp.abs(v)
         codes = xp.cast(keep, "int64") * (1 + xp.cast(v < 0, "int64"))
         return {"norms": norms, "codes": codes}
 
-    def _natural(self, spec, v, nonce, name):
+    def _natural(self, spec, v, segments, nonce, name):
         xp = self.xp
         numel = math.prod(v.shape)
         bits = xp.float32_bits(v)
@@ -401,25 +433,27 @@ class Codec:
         up = xp.cast((draw < mantissa) & (exponent < 0xFE), "int64")
         return {"codes": (bits // (1 << 31)) * 256 + exponent + up}
 
-    # --- decoding ---------------------------------------------------------------------------------
+    # --- decoding: the real entries -------------------------------------------------------------
 
-    def _decode(self, spec, sections, numel) -> Tensor:
+    def _decode(self, spec, sections, segments) -> Tensor:
         xp = self.xp
+        real = sum(segments)
         if isinstance(spec, (C.Identity, C.FP16)):
             return sections["values"]
         if isinstance(spec, C.TopK):
-            return xp.scatter(numel, sections["indices"], sections["values"])
+            return xp.scatter(real, sections["indices"], sections["values"])
         if isinstance(spec, C.RandK):
-            indices = self._randk_indices(spec, numel, sections["key"])
-            return xp.scatter(numel, indices, sections["values"])
+            indices = self._randk_indices(spec, real, sections["key"])
+            return xp.scatter(real, indices, sections["values"])
         if isinstance(spec, C.ScaledSign):
-            scale = self._per_entry(sections["scales"], numel, spec.block_size)
-            return xp.signed_bits(sections["signs"], numel, scale)
+            scale = self._per_entry(sections["scales"], segments, spec.block_size)
+            return xp.signed_bits(sections["signs"], real, scale)
         if isinstance(spec, C.QSGD):
-            magnitude = xp.cast(sections["codes"] // 2, "float32") * sections["quantum"]
+            quantum = self._per_entry(sections["quantum"], segments, None)
+            magnitude = xp.cast(sections["codes"] // 2, "float32") * quantum
             return xp.signed(sections["codes"] % 2 == 0, magnitude)
         if isinstance(spec, C.Ternary):
-            norm = self._per_entry(sections["norms"], numel, spec.block_size)
+            norm = self._per_entry(sections["norms"], segments, spec.block_size)
             codes = sections["codes"]
             zero = xp.constant(0.0, "float32")
             return xp.where(codes == 1, norm, xp.where(codes == 2, -norm, zero))
@@ -428,6 +462,10 @@ class Codec:
             magnitude = xp.float32_from_bits((codes & 0xFF) * (1 << 23))
             return xp.signed(codes // 256 == 0, magnitude)
         if isinstance(spec, C.ToContractive):
-            return (self._decode(spec.inner, sections, numel)
-                    * xp.constant(spec.scale(numel), "float32"))
+            scales = spec.segment_scales(real, segments)
+            if len(set(scales)) <= 1:  # one factor (or none, for an empty vector)
+                factor = xp.constant(scales[0] if scales else 1.0, "float32")
+            else:
+                factor = self._per_entry(xp.constant(list(scales), "float32"), segments, None)
+            return self._decode(spec.inner, sections, segments) * factor
         raise TypeError(f"no codec for {spec!r}")

@@ -33,11 +33,19 @@ class ProcessSetCollectives:
         """A name prefix for one engine's collectives, distinct within the process."""
         return f"squeeze{next(_scopes)}"
 
-    def launch(self, op: str, tensor, name: str):
-        """Starts collective ``op`` (one of :data:`OPS`); returns what :meth:`wait` takes."""
+    def launch(self, op: str, tensor, name: str, splits=None):
+        """Starts collective ``op`` (one of :data:`OPS`); returns what :meth:`wait` takes.
+
+        ``splits``: every rank's piece of an ``alltoall`` or ``allgather``, as
+        :class:`~horovod_squeeze.exchange.Collective` describes it (``None``: equal pieces).
+        """
         if op not in OPS:
             raise ValueError(f"unknown collective {op!r}; expected one of {OPS}")
-        return getattr(self, op)(tensor, name)
+        if splits is None:
+            return getattr(self, op)(tensor, name)
+        if op == "allreduce_average":
+            raise ValueError(f"collective {name!r}: allreduce_average takes no splits")
+        return getattr(self, op)(tensor, name, tuple(splits))
 
     def wait(self, handle):
         """The result of a launched collective (here the launch returned it already)."""

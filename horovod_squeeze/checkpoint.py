@@ -14,9 +14,10 @@ rank's state, and :func:`to_checkpoint` lays it out by parameter name::
 Worker state stacks every rank's tensor; server state is the whole tensor, assembled from its
 shards. Parameters are matched by name, or by position where a rebuilt model names them anew
 (Keras) but their shapes line up. :func:`restore` hands a rank its part back: exactly at the same world size; at another,
-each rank's worker state becomes the old ranks' sum divided by the new count (so the sum is
+each rank's worker residual becomes the old ranks' sum divided by the new count (so the sum is
 preserved, which keeps ``lr * sum`` unchanged under Horovod's convention of scaling the learning
-rate with the number of ranks) and server state is re-sharded. Arrays are NumPy here; each binding
+rate with the number of ranks), each rank's worker momentum the old ranks' mean (what they applied),
+and server state is re-sharded. Arrays are NumPy here; each binding
 converts (``torch.Tensor`` in ``state_dict()``, a serialized snapshot in TensorFlow checkpoints).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import warnings
 
 import numpy as np
 
-from horovod_squeeze.algorithms.base import WORKER
+from horovod_squeeze.algorithms.base import MOMENT, WORKER
 from horovod_squeeze.exchange import Collective, Sharded
 from horovod_squeeze.plan import Plan
 
@@ -45,10 +46,11 @@ def gather(plan: Plan, codec, state: dict):
     xp = codec.xp
     gathered = {}
     for bucket in plan.buckets:
-        if not bucket.compressed:
+        specs = plan.state_specs(bucket)
+        if not specs:
             continue
         out = {}
-        for spec in plan.algorithm.state():
+        for spec in specs:
             tensor = state[bucket.index][spec.name]
             if spec.placement == WORKER:
                 out[spec.name] = yield Collective(
@@ -62,13 +64,14 @@ def gather(plan: Plan, codec, state: dict):
     return gathered
 
 
-def to_checkpoint(plan: Plan, gathered: dict, step: int) -> dict:
-    """The gathered state (NumPy arrays) by parameter name, with what it belongs to."""
+def to_checkpoint(plan: Plan, gathered: dict, step: int, learning_rate=None) -> dict:
+    """The gathered state (NumPy arrays) by parameter name, with what it belongs to and the
+    learning rate its gradient-units residuals are measured in (None if not tracked)."""
     state = {}
-    for spec in plan.algorithm.state():
+    for spec in plan.state_specs():
         tensors = {}
         for bucket in plan.buckets:
-            if not bucket.compressed:
+            if spec not in plan.state_specs(bucket):
                 continue
             flat = np.asarray(gathered[bucket.index][spec.name], np.float32)
             rows = flat.reshape(plan.size, bucket.numel) if spec.placement == WORKER else flat
@@ -77,13 +80,14 @@ def to_checkpoint(plan: Plan, gathered: dict, step: int) -> dict:
                 tensors[name] = rows[..., start:stop].reshape(*leading, *shape).copy()
         state[spec.name] = {"placement": spec.placement, "units": spec.units, "tensors": tensors}
     return {"version": FORMAT_VERSION, "step": int(step), "world_size": plan.size,
+            "learning_rate": None if learning_rate is None else float(learning_rate),
             "algorithm": repr(plan.algorithm), "exchange": plan.exchange.name,
             "parameters": _parameters(plan), "state": state}
 
 
 def _parameters(plan: Plan) -> list[tuple[str, tuple[int, ...]]]:
-    """The compressed parameters, in bucket order: names and shapes."""
-    return [(name, shape) for bucket in plan.buckets if bucket.compressed
+    """The parameters that have state, in bucket order: names and shapes."""
+    return [(name, shape) for bucket in plan.buckets if plan.state_specs(bucket)
             for name, shape in zip(bucket.names, bucket.shapes)]
 
 
@@ -112,7 +116,7 @@ def restore(plan: Plan, saved: dict, rank: int) -> tuple[int, dict]:
         raise ValueError(f"unsupported horovod_squeeze state version {version!r} "
                          f"(this version reads {FORMAT_VERSION})")
     old_size = int(saved["world_size"])
-    wanted = {spec.name: spec for spec in plan.algorithm.state()}
+    wanted = {spec.name: spec for spec in plan.state_specs()}
     missing = sorted(set(wanted) - set(saved["state"]))
     if missing:
         raise ValueError(f"the checkpoint has no {missing} state for {plan.algorithm!r}: it was "
@@ -128,7 +132,8 @@ def restore(plan: Plan, saved: dict, rank: int) -> tuple[int, dict]:
         if not layout:
             continue
         restored[bucket.index] = {}
-        for name, spec in wanted.items():
+        for spec in plan.state_specs(bucket):
+            name = spec.name
             tensors = saved["state"][name]["tensors"]
             tensors = {n: tensors[saved_name[n]] for n in bucket.names
                        if saved_name[n] in tensors}
@@ -140,8 +145,12 @@ def restore(plan: Plan, saved: dict, rank: int) -> tuple[int, dict]:
                 stacked = np.concatenate([_check_shape(tensors[n], (old_size, *s), name, n)
                                           .reshape(old_size, -1)
                                           for n, s in zip(bucket.names, bucket.shapes)], axis=1)
-                live[:bucket.numel] = (stacked[rank] if old_size == plan.size
-                                       else stacked.sum(axis=0) / plan.size)
+                if old_size == plan.size:
+                    live[:bucket.numel] = stacked[rank]
+                elif spec.units == MOMENT:  # what the ranks apply is the mean: keep it
+                    live[:bucket.numel] = stacked.mean(axis=0)
+                else:
+                    live[:bucket.numel] = stacked.sum(axis=0) / plan.size
             else:
                 whole = np.concatenate([_check_shape(tensors[n], s, name, n).reshape(-1)
                                         for n, s in zip(bucket.names, bucket.shapes)])

@@ -5,6 +5,13 @@ hyperparameters and nothing else. The same spec drives the NumPy reference
 (:mod:`horovod_squeeze.reference`) and the PyTorch and TensorFlow codecs, which all write the
 byte-identical payload that :meth:`Compressor.layout` describes.
 
+A compressor sees a flat vector of ``numel`` entries partitioned into **segments**: the lengths of
+consecutive real segments (whole tensors of a bucket, or the parts of them that fall in one shard),
+starting at entry 0. Entries past their sum are padding: they travel in no section and decode to
+exactly 0. Every scale or norm is per segment (per block, where blocks are each segment cut into
+``block_size`` pieces), so a small tensor never takes a large one's scale. ``segments=None`` is one
+segment of ``numel`` entries: a single tensor.
+
 Contracts follow ``docs/compressors.md``, for a flat vector ``v`` of ``d = numel`` entries:
 
 - *contractive* with ``delta`` in (0, 1]: ``E||C(v) - v||^2 <= (1 - delta) ||v||^2``;
@@ -18,13 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+import operator
+from typing import ClassVar, Sequence
 
 from horovod_squeeze.wire import Layout, Section, index_kind
 
 __all__ = [
     "Contract", "Compressor", "Identity", "FP16", "TopK", "RandK", "ScaledSign", "QSGD",
-    "Ternary", "Natural", "ToContractive", "topk_count", "qsgd_code_width",
+    "Ternary", "Natural", "ToContractive", "topk_count", "qsgd_code_width", "segment_lengths",
+    "block_lengths",
 ]
 
 # Largest finite float16, and the magnitude from which rounding to float16 gives Inf.
@@ -80,14 +89,36 @@ def _check_choice(name: str, field: str, value: str, choices: tuple[str, ...]) -
         raise ValueError(f"{name}: {field} must be one of {choices}, got {value!r}")
 
 
-def _num_blocks(numel: int, block_size: int | None) -> int:
-    if numel == 0:
-        return 0
-    return 1 if block_size is None else -(-numel // block_size)
+def segment_lengths(numel: int, segments: Sequence[int] | None = None, *,
+                    name: str | None = None) -> tuple[int, ...]:
+    """The real segments of a flat vector of ``numel`` entries, checked: ``segments`` as a tuple,
+    or one segment of ``numel`` for ``None`` (none for an empty vector). ``ValueError`` (naming
+    ``name``) unless they are positive integers summing to at most ``numel``."""
+    if segments is None:
+        return (numel,) if numel else ()
+    where = f"{name}: " if name else ""
+    try:
+        lengths = tuple(operator.index(length) for length in segments)
+    except TypeError:
+        raise ValueError(f"{where}segments must be positive integers, got {segments!r}") from None
+    if any(length <= 0 for length in lengths):
+        raise ValueError(f"{where}segments must be positive integers, got {lengths!r}")
+    if sum(lengths) > numel:
+        raise ValueError(f"{where}segments {lengths!r} sum to {sum(lengths)}, more than the "
+                         f"{numel} entries they partition")
+    return lengths
 
 
-def _largest_block(numel: int, block_size: int | None) -> int:
-    return max(1, numel if block_size is None else min(numel, block_size))
+def block_lengths(segments: Sequence[int], block_size: int | None) -> tuple[int, ...]:
+    """Lengths of the blocks that carry one scale each: every segment cut into ``block_size``
+    pieces, its last piece shorter (``None``: every segment whole)."""
+    if block_size is None:
+        return tuple(segments)
+    blocks = []
+    for length in segments:
+        full, rest = divmod(length, block_size)
+        blocks += [block_size] * full + ([rest] if rest else [])
+    return tuple(blocks)
 
 
 def topk_count(ratio: float, numel: int) -> int:
@@ -101,35 +132,63 @@ def qsgd_code_width(levels: int) -> int:
 
 
 class Compressor:
-    """Base of all compressor specs (frozen dataclasses)."""
+    """Base of all compressor specs (frozen dataclasses).
+
+    ``layout``, ``payload_nbytes`` and ``contract`` take the vector's ``numel`` and its
+    ``segments`` (see :func:`segment_lengths`; ``None``: one segment of ``numel``).
+    """
 
     #: Whether ``decompress(sum of payload values)`` equals the sum of the decompressed tensors,
     #: which is what an allreduce of compressed values needs.
     linear: ClassVar[bool] = False
     #: Whether compression draws random numbers (from the call's ``nonce``).
     stochastic: ClassVar[bool] = False
+    #: Whether each segment is compressed with its own scale or norm, so that the compressor's
+    #: error on a segment depends on that segment alone (its contract, on the segment's length).
+    per_segment: ClassVar[bool] = False
 
-    def layout(self, numel: int) -> Layout:
+    def layout(self, numel: int, segments: Sequence[int] | None = None) -> Layout:
+        """The payload's sections for a vector of ``numel`` entries in ``segments``."""
         raise NotImplementedError
 
-    def payload_nbytes(self, numel: int) -> int:
-        """Bytes on the wire for a tensor of ``numel`` elements: a pure function of the spec."""
-        return self.layout(numel).nbytes
+    def payload_nbytes(self, numel: int, segments: Sequence[int] | None = None) -> int:
+        """Bytes on the wire for a vector of ``numel`` entries in ``segments``: a pure function of
+        the spec, so every rank knows every payload's size."""
+        return self.layout(numel, segments).nbytes
 
-    def contract(self, numel: int) -> Contract:
+    def contract(self, numel: int, segments: Sequence[int] | None = None) -> Contract:
+        """The guarantee over the whole vector: from its largest block where scales are per block
+        (per segment), else from its real entries."""
         raise NotImplementedError
+
+
+def _real_numel(numel: int, segments) -> int:
+    return sum(segment_lengths(numel, segments))
+
+
+def _num_blocks(segments: tuple[int, ...], block_size: int | None) -> int:
+    """``len(block_lengths(segments, block_size))``, without listing them (layouts of large
+    buckets cut into small blocks are computed at every step)."""
+    if block_size is None:
+        return len(segments)
+    return sum(-(-length // block_size) for length in segments)
+
+
+def _largest_block(numel: int, segments, block_size: int | None) -> int:
+    largest = max(segment_lengths(numel, segments), default=1)
+    return largest if block_size is None else min(largest, block_size)
 
 
 @dataclasses.dataclass(frozen=True)
 class Identity(Compressor):
-    """No compression: the float32 values themselves."""
+    """No compression: the float32 values themselves (of the real entries)."""
 
     linear: ClassVar[bool] = True
 
-    def layout(self, numel):
-        return Layout((Section("values", "float32", numel),))
+    def layout(self, numel, segments=None):
+        return Layout((Section("values", "float32", _real_numel(numel, segments)),))
 
-    def contract(self, numel):
+    def contract(self, numel, segments=None):
         return Contract.contractive(1.0)
 
 
@@ -143,10 +202,10 @@ class FP16(Compressor):
 
     linear: ClassVar[bool] = True
 
-    def layout(self, numel):
-        return Layout((Section("values", "float16", numel),))
+    def layout(self, numel, segments=None):
+        return Layout((Section("values", "float16", _real_numel(numel, segments)),))
 
-    def contract(self, numel):
+    def contract(self, numel, segments=None):
         return Contract.contractive(1.0 - 2.0 ** -22)
 
 
@@ -154,7 +213,8 @@ class FP16(Compressor):
 class TopK(Compressor):
     """The ``k = ceil(ratio * d)`` entries of largest magnitude, ties to the lower index.
 
-    ``method="exact"`` selects over the whole tensor. ``method="sampled"`` (DGC's idea) estimates a
+    ``d`` counts the real entries (all segments together; padding is never selected).
+    ``method="exact"`` selects over the whole vector. ``method="sampled"`` (DGC's idea) estimates a
     threshold from a strided sample, selects exactly among the entries above it, and falls back to
     ``exact`` when fewer than ``k`` pass: the result is always the exact top-k, only faster on large
     tensors. Payload: sorted indices (uint16 when ``d <= 65536``, else int32) and float32 values.
@@ -168,17 +228,19 @@ class TopK(Compressor):
         _check_ratio("TopK", self.ratio)
         _check_choice("TopK", "method", self.method, ("exact", "sampled"))
 
-    def layout(self, numel):
-        k = topk_count(self.ratio, numel)
-        return Layout((Section("indices", index_kind(numel), k), Section("values", "float32", k)))
+    def layout(self, numel, segments=None):
+        real = _real_numel(numel, segments)
+        k = topk_count(self.ratio, real)
+        return Layout((Section("indices", index_kind(real), k), Section("values", "float32", k)))
 
-    def contract(self, numel):
-        return Contract.contractive(topk_count(self.ratio, numel) / max(numel, 1))
+    def contract(self, numel, segments=None):
+        d = max(_real_numel(numel, segments), 1)
+        return Contract.contractive(topk_count(self.ratio, d) / d)
 
 
 @dataclasses.dataclass(frozen=True)
 class RandK(Compressor):
-    """``k = ceil(ratio * d)`` entries chosen at random without replacement.
+    """``k = ceil(ratio * d)`` of the ``d`` real entries chosen at random without replacement.
 
     The indices are a function of ``(seed, nonce)`` alone, so ranks that share them pick the same
     entries and only the values travel, with the 32-bit stream key in a 4-byte header. Then the
@@ -196,12 +258,13 @@ class RandK(Compressor):
     def __post_init__(self):
         _check_ratio("RandK", self.ratio)
 
-    def layout(self, numel):
-        k = topk_count(self.ratio, numel)
+    def layout(self, numel, segments=None):
+        k = topk_count(self.ratio, _real_numel(numel, segments))
         return Layout((Section("key", "uint32", 1), Section("values", "float32", k)))
 
-    def contract(self, numel):
-        kept = topk_count(self.ratio, numel) / max(numel, 1)
+    def contract(self, numel, segments=None):
+        d = max(_real_numel(numel, segments), 1)
+        kept = topk_count(self.ratio, d) / d
         return Contract.unbiased(1.0 / kept - 1.0) if self.unbiased else Contract.contractive(kept)
 
 
@@ -209,29 +272,33 @@ class RandK(Compressor):
 class ScaledSign(Compressor):
     """One bit per entry and one float32 scale per block: ``C(v) = scale * sign(v)``.
 
-    ``scale="l1"``: ``||v||_1 / d`` (contractive, ``delta = 1 / d`` for blocks of ``d`` entries);
-    ``scale="rms"``: ``||v||_2 / sqrt(d)`` as DeepSpeed's 1-bit Adam uses, which preserves the norm
-    but is not contractive (error bound ``2 (1 - 1/sqrt(d))``). ``block_size`` gives each block its
-    own scale. Exact zeros cannot be sent in one bit: ``zeros="positive"`` sends them as ``+scale``,
-    ``zeros="alternate"`` as ``+scale`` at even and ``-scale`` at odd positions, so that a block of
-    zeros decodes to a zero mean instead of a drift.
+    Blocks are each segment cut into ``block_size`` pieces (``None``: one block per segment).
+    ``scale="l1"``: ``||v_b||_1 / n`` for a block of ``n`` entries (contractive, ``delta = 1 / n``
+    for the largest block); ``scale="rms"``: ``||v_b||_2 / sqrt(n)`` as DeepSpeed's 1-bit Adam uses,
+    which preserves the norm but is not contractive (error bound ``2 (1 - 1/sqrt(n))``). Exact zeros
+    cannot be sent in one bit: ``zeros="positive"`` sends them as ``+scale``, ``zeros="alternate"``
+    as ``+scale`` at even and ``-scale`` at odd positions of the vector, so that a block of zeros
+    decodes to a zero mean instead of a drift.
     """
 
     scale: str = "l1"
     block_size: int | None = None
     zeros: str = "positive"
 
+    per_segment: ClassVar[bool] = True
+
     def __post_init__(self):
         _check_choice("ScaledSign", "scale", self.scale, ("l1", "rms"))
         _check_choice("ScaledSign", "zeros", self.zeros, ("positive", "alternate"))
         _check_block_size("ScaledSign", self.block_size)
 
-    def layout(self, numel):
-        return Layout((Section("scales", "float32", _num_blocks(numel, self.block_size)),
-                       Section("signs", "bits", numel, width=1)))
+    def layout(self, numel, segments=None):
+        segments = segment_lengths(numel, segments)
+        return Layout((Section("scales", "float32", _num_blocks(segments, self.block_size)),
+                       Section("signs", "bits", sum(segments), width=1)))
 
-    def contract(self, numel):
-        n = _largest_block(numel, self.block_size)
+    def contract(self, numel, segments=None):
+        n = _largest_block(numel, segments, self.block_size)
         if self.scale == "l1":
             return Contract.contractive(1.0 / n)
         return Contract("biased", 2.0 * (1.0 - 1.0 / math.sqrt(n)))
@@ -239,29 +306,33 @@ class ScaledSign(Compressor):
 
 @dataclasses.dataclass(frozen=True)
 class QSGD(Compressor):
-    """QSGD (Alistarh et al.): stochastic rounding of ``|v_i| / ||v||_2`` to ``levels`` levels.
+    """QSGD (Alistarh et al.): stochastic rounding of ``|v_i| / ||v||_2`` to ``levels`` levels,
+    with ``v`` each segment on its own.
 
     ``Q(v)_i = ||v||_2 * sign(v_i) * l_i / s`` with ``l_i`` in ``{0..s}`` rounded up with probability
-    equal to the remainder, so ``E Q(v) = v``; ``omega = min(d / s^2, sqrt(d) / s)``. Payload: the
-    float32 quantum ``||v||_2 / s`` (so decoding is one exact multiplication, which no graph
-    optimizer can reassociate), then a sign bit and ``ceil(log2(s + 1))`` level bits per entry.
+    equal to the remainder, so ``E Q(v) = v``; ``omega = min(d / s^2, sqrt(d) / s)`` for the largest
+    segment of ``d`` entries. Payload: one float32 quantum ``||v||_2 / s`` per segment (so decoding
+    is one exact multiplication, which no graph optimizer can reassociate), then a sign bit and
+    ``ceil(log2(s + 1))`` level bits per entry.
     """
 
     levels: int = 4
     seed: int = 0
 
     stochastic: ClassVar[bool] = True
+    per_segment: ClassVar[bool] = True
 
     def __post_init__(self):
         if not (isinstance(self.levels, int) and 1 <= self.levels <= 255):
             raise ValueError(f"QSGD: levels must be an integer in [1, 255], got {self.levels!r}")
 
-    def layout(self, numel):
-        return Layout((Section("quantum", "float32", 1),
-                       Section("codes", "bits", numel, width=qsgd_code_width(self.levels))))
+    def layout(self, numel, segments=None):
+        segments = segment_lengths(numel, segments)
+        return Layout((Section("quantum", "float32", len(segments)),
+                       Section("codes", "bits", sum(segments), width=qsgd_code_width(self.levels))))
 
-    def contract(self, numel):
-        d, s = max(numel, 1), self.levels
+    def contract(self, numel, segments=None):
+        d, s = _largest_block(numel, segments, None), self.levels
         return Contract.unbiased(min(d / s ** 2, math.sqrt(d) / s))
 
 
@@ -269,9 +340,10 @@ class QSGD(Compressor):
 class Ternary(Compressor):
     """Blockwise ternary quantization (TernGrad; DORE's p-norm ternary): 2 bits per entry.
 
-    Per block ``b``: ``Q(v)_i = ||v_b||_p * sign(v_i) * xi_i`` with ``xi_i ~ Bernoulli(|v_i| / ||v_b||_p)``,
-    ``p`` = ``inf`` (TernGrad) or ``2``. Unbiased with ``omega = sqrt(n) - 1`` for blocks of ``n``.
-    Payload: one float32 norm per block, then 2-bit codes (0: zero, 1: +norm, 2: -norm).
+    Blocks are each segment cut into ``block_size`` pieces (``None``: one block per segment). Per
+    block ``b``: ``Q(v)_i = ||v_b||_p * sign(v_i) * xi_i`` with
+    ``xi_i ~ Bernoulli(|v_i| / ||v_b||_p)``, ``p`` = ``inf`` (TernGrad) or ``2``. Unbiased with ``omega = sqrt(n) - 1`` for the largest block
+    of ``n``. Payload: one float32 norm per block, then 2-bit codes (0: zero, 1: +norm, 2: -norm).
     """
 
     block_size: int | None = 256
@@ -279,17 +351,19 @@ class Ternary(Compressor):
     seed: int = 0
 
     stochastic: ClassVar[bool] = True
+    per_segment: ClassVar[bool] = True
 
     def __post_init__(self):
         _check_block_size("Ternary", self.block_size)
         _check_choice("Ternary", "p", self.p, ("inf", "2"))
 
-    def layout(self, numel):
-        return Layout((Section("norms", "float32", _num_blocks(numel, self.block_size)),
-                       Section("codes", "bits", numel, width=2)))
+    def layout(self, numel, segments=None):
+        segments = segment_lengths(numel, segments)
+        return Layout((Section("norms", "float32", _num_blocks(segments, self.block_size)),
+                       Section("codes", "bits", sum(segments), width=2)))
 
-    def contract(self, numel):
-        return Contract.unbiased(math.sqrt(_largest_block(numel, self.block_size)) - 1.0)
+    def contract(self, numel, segments=None):
+        return Contract.unbiased(math.sqrt(_largest_block(numel, segments, self.block_size)) - 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,19 +371,19 @@ class Natural(Compressor):
     """Natural compression (Horvath et al.): stochastic rounding to a neighbouring power of two.
 
     ``|v_i|`` in ``[2^e, 2^(e+1))`` becomes ``2^(e+1)`` with probability ``|v_i| / 2^e - 1``, else
-    ``2^e``: unbiased with ``omega = 1/8``. Payload: 9 bits per entry (sign and the float32 exponent
-    field). Subnormals round between 0 and 2^-126 the same way; magnitudes of 2^127 and up are not
-    rounded up (they would overflow), which keeps them finite at a tiny bias.
+    ``2^e``: unbiased with ``omega = 1/8``. Payload: 9 bits per real entry (sign and the float32
+    exponent field). Subnormals round between 0 and 2^-126 the same way; magnitudes of 2^127 and up
+    are not rounded up (they would overflow), which keeps them finite at a tiny bias.
     """
 
     seed: int = 0
 
     stochastic: ClassVar[bool] = True
 
-    def layout(self, numel):
-        return Layout((Section("codes", "bits", numel, width=9),))
+    def layout(self, numel, segments=None):
+        return Layout((Section("codes", "bits", _real_numel(numel, segments), width=9),))
 
-    def contract(self, numel):
+    def contract(self, numel, segments=None):
         return Contract.unbiased(1.0 / 8.0)
 
 
@@ -318,7 +392,10 @@ class ToContractive(Compressor):
     """An unbiased compressor scaled by ``1 / (omega + 1)``: contractive with ``delta = 1 / (omega + 1)``.
 
     Same payload as ``inner``; only decompression applies the factor, so DoubleSqueeze-style error
-    feedback (which needs a contractive compressor) can use QSGD, Ternary or Natural.
+    feedback (which needs a contractive compressor) can use QSGD, Ternary or Natural. Where the
+    inner compressor quantizes each segment on its own (``per_segment``: QSGD, Ternary), each
+    segment is scaled by the factor of its own ``omega``, so a small tensor is not shrunk by a large
+    one's variance; otherwise (RandK, Natural) every segment takes the factor of the whole vector.
     """
 
     inner: Compressor
@@ -334,11 +411,22 @@ class ToContractive(Compressor):
     def stochastic(self):
         return self.inner.stochastic
 
-    def layout(self, numel):
-        return self.inner.layout(numel)
+    @property
+    def per_segment(self):
+        return self.inner.per_segment
 
-    def contract(self, numel):
-        return Contract.contractive(self.inner.contract(numel).contractive_scale)
+    def layout(self, numel, segments=None):
+        return self.inner.layout(numel, segments)
 
-    def scale(self, numel: int) -> float:
-        return self.inner.contract(numel).contractive_scale
+    def contract(self, numel, segments=None):
+        return Contract.contractive(self.inner.contract(numel, segments).contractive_scale)
+
+    def segment_scales(self, numel: int,
+                       segments: Sequence[int] | None = None) -> tuple[float, ...]:
+        """The factor ``1 / (omega + 1)`` that decoding applies to each segment."""
+        segments = segment_lengths(numel, segments)
+        if self.inner.per_segment:
+            return tuple(self.inner.contract(length).contractive_scale for length in segments)
+        if not segments:  # an empty vector: nothing to scale
+            return ()
+        return (self.inner.contract(numel, segments).contractive_scale,) * len(segments)

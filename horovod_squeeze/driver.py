@@ -2,7 +2,8 @@
 
 An exchange (:meth:`horovod_squeeze.exchange.Exchange.run`) yields :class:`Collective` requests and
 receives their results. Collectives are any object with ``rank``, ``size``,
-``launch(op, tensor, name) -> handle`` and ``wait(handle) -> tensor``: Horovod's (asynchronous
+``launch(op, tensor, name, splits=None) -> handle`` and ``wait(handle) -> tensor`` (``splits`` as
+:class:`~horovod_squeeze.exchange.Collective` describes it): Horovod's (asynchronous
 handles in PyTorch; tensors in TensorFlow, whose runtime overlaps them itself) or the in-process fake
 of :mod:`horovod_squeeze.fake`. PyTorch launches each bucket's first collective during backward and
 resumes all buckets in turn at ``synchronize()``, so one bucket's pass 2 overlaps the others';
@@ -43,7 +44,7 @@ class InFlight:
             return
         self.compute_seconds += time.perf_counter() - start
         self._handle = self._comm.launch(request.op, request.tensor,
-                                         f"{self._prefix}.{request.name}")
+                                         f"{self._prefix}.{request.name}", splits=request.splits)
 
     def resume(self) -> None:
         """Waits for the collective in flight and runs the exchange up to its next one (or end)."""

@@ -9,13 +9,18 @@ asynchronously in PyTorch and inside a graph in TensorFlow, or the in-process fa
 - :class:`Sharded` (``"sharded"``, the default): rank r owns shard r of every bucket. Pass 1 is one
   alltoall of packed worker payloads (rank i sends its compression of shard j to rank j); the owner
   decodes the n pieces, runs the server stage and pass 2 is one allgather of the server payloads.
-  Each rank sends ``(n - 1)`` pieces of a shard's payload, twice.
+  Each rank sends ``(n - 1)`` pieces of a shard's payload, twice. Shards cut tensors, so each
+  shard's payload has its own size (:func:`shard_segments`): the collectives carry ``splits``.
 - :class:`Allgather` (``"allgather"``): one pass; every rank gathers every worker payload of the whole
   bucket and runs the server stage itself (a replicated server: nothing travels in pass 2).
 - :class:`Allreduce` (``"allreduce"``): linear worker compressors only (``Identity``, ``FP16``,
   ``RandK``): their compact values are averaged by Horovod's allreduce directly; ranks share the
   random stream so their values line up.
 - :class:`Plain`: an uncompressed fp32 average (small tensors, warm-up steps); no algorithm state.
+
+Every compression sees the segments of its vector (:func:`tensor_segments`,
+:func:`shard_segments`): the bucket's tensors, cut by shard boundaries, padding excluded, so every
+tensor gets its own scales (see :mod:`horovod_squeeze.compressors`).
 
 Everything except :meth:`Exchange.run` is a pure function of the configuration, so ranks agree on
 buffer sizes without communicating, and telemetry can be checked against the wire format.
@@ -35,8 +40,8 @@ from horovod_squeeze.streams import MASK32, hash32
 
 __all__ = ["Exchange", "Sharded", "Allgather", "Allreduce", "Plain", "PLAIN", "EXCHANGES",
            "make_exchange", "Collective", "StepContext", "BucketResult", "PassBytes",
-           "shard_numel", "shard_valid_numel", "fp32_allreduce_bytes", "stage_nonce", "PASS1",
-           "PASS2"]
+           "shard_numel", "shard_valid_numel", "tensor_segments", "shard_segments",
+           "split_payloads", "fp32_allreduce_bytes", "stage_nonce", "PASS1", "PASS2"]
 
 Tensor = Any
 
@@ -48,11 +53,18 @@ PASS1, PASS2 = 0, 1
 
 
 class Collective(NamedTuple):
-    """A collective an exchange asks for: ``op`` on this rank's ``tensor``, named ``name``."""
+    """A collective an exchange asks for: ``op`` on this rank's ``tensor``, named ``name``.
 
-    op: str  # "alltoall" (equal split along dim 0), "allgather" or "allreduce_average"
+    ``splits``: every rank's piece along dim 0, in rank order and the same list on every rank
+    (every rank knows every payload's size). ``alltoall``: every rank sends ``splits[r]`` entries
+    to rank r, so rank r receives ``size * splits[r]``; ``allgather``: rank r contributes
+    ``splits[r]`` entries. ``None``: equal pieces.
+    """
+
+    op: str  # "alltoall", "allgather" or "allreduce_average"
     tensor: Tensor
     name: str  # unique within the bucket's step; the driver adds the engine's and bucket's prefix
+    splits: tuple[int, ...] | None = None
 
 
 class StepContext(NamedTuple):
@@ -106,6 +118,20 @@ def shard_valid_numel(numel: int, num_ranks: int, owner: int) -> int:
     return max(0, min(shard, numel - owner * shard))
 
 
+def tensor_segments(bucket) -> tuple[int, ...]:
+    """The segments of a whole bucket: its tensors' sizes (an empty tensor has none)."""
+    return tuple(stop - start for _, _, start, stop in bucket.spans() if stop > start)
+
+
+def shard_segments(bucket, num_ranks: int, owner: int) -> tuple[int, ...]:
+    """The segments of shard ``owner``: the parts of the bucket's tensors inside it, in order;
+    the shard's padding belongs to none."""
+    shard = shard_numel(bucket.numel, num_ranks)
+    first, last = owner * shard, (owner + 1) * shard
+    return tuple(min(stop, last) - max(start, first) for _, _, start, stop in bucket.spans()
+                 if min(stop, last) > max(start, first))
+
+
 def fp32_allreduce_bytes(numel: int, num_ranks: int) -> int:
     """Bytes one rank sends in a ring allreduce of ``numel`` float32 values: the baseline."""
     return 2 * (num_ranks - 1) * 4 * numel // num_ranks
@@ -146,12 +172,14 @@ class Exchange(abc.ABC):
         """Length of this rank's state tensor of ``placement`` for a bucket of ``numel``."""
 
     @abc.abstractmethod
-    def pass_bytes(self, algorithm: Algorithm, numel: int, size: int) -> PassBytes:
-        """Payload bytes one rank sends and receives for a bucket of ``numel`` entries.
+    def pass_bytes(self, algorithm: Algorithm, bucket, size: int, rank: int = 0) -> PassBytes:
+        """Payload bytes rank ``rank`` of ``size`` sends and receives for ``bucket``.
 
         Counts what crosses the rank's boundary: a rank's own piece of an alltoall or allgather does
         not travel. Allreduce is counted as a ring, ``2 (n - 1) / n`` each way of the values it sums
         (a linear payload's header, such as RandK's stream key, never travels: every rank knows it).
+        Only ``sharded`` depends on the rank: its shards hold different segments (and the last
+        ones padding, which does not travel), so their payloads differ by a few bytes.
         """
 
     @abc.abstractmethod
@@ -169,15 +197,18 @@ class Sharded(Exchange):
     def state_numel(self, placement, numel, size):
         return shard_numel(numel, size) * (size if placement == WORKER else 1)
 
-    def pass_bytes(self, algorithm, numel, size):
-        shard = shard_numel(numel, size)
-        up = (size - 1) * algorithm.worker.payload_nbytes(shard)
-        down = (size - 1) * algorithm.server.payload_nbytes(shard)
-        return PassBytes(up, up, down, down)
+    def pass_bytes(self, algorithm, bucket, size, rank=0):
+        shard = shard_numel(bucket.numel, size)
+        segments = [shard_segments(bucket, size, owner) for owner in range(size)]
+        up = [algorithm.worker.payload_nbytes(shard, s) for s in segments]  # to each owner
+        down = [algorithm.server.payload_nbytes(shard, s) for s in segments]  # from each owner
+        return PassBytes(sum(up) - up[rank], (size - 1) * up[rank],
+                         (size - 1) * down[rank], sum(down) - down[rank])
 
     def run(self, codec, algorithm, bucket, flat, state, ctx):
         xp, n, rank = codec.xp, ctx.size, ctx.rank
         shard = shard_numel(bucket.numel, n)
+        segments = [shard_segments(bucket, n, owner) for owner in range(n)]
         padded = xp.pad(flat, shard * n)
         worker_names = algorithm.state_names(WORKER)
         payloads, worker_state = [], {name: [] for name in worker_names}
@@ -187,24 +218,26 @@ class Sharded(Exchange):
             out = algorithm.worker_stage(
                 codec, xp.slice(padded, start, stop),
                 {name: xp.slice(state[name], start, stop) for name in worker_names},
-                _stage(ctx, bucket, owner, PASS1, ctx.rank, f"shard {owner}"))
+                _stage(ctx, bucket, owner, PASS1, ctx.rank, f"shard {owner}", segments[owner]))
             payloads.append(out.payload)
             for name in worker_names:
                 worker_state[name].append(_zero_tail(xp, out.state[name], valid))
-        received = yield Collective("alltoall", xp.concat(payloads), "pass1")
+        sizes = tuple(algorithm.worker.payload_nbytes(shard, s) for s in segments)
+        received = yield Collective("alltoall", xp.concat(payloads), "pass1", sizes)
 
-        valid = shard_valid_numel(bucket.numel, n, rank)
-        pieces = [_zero_tail(xp, piece, valid)
-                  for piece in split_payloads(codec, algorithm.worker, received, shard, n)]
-        ctx_server = _stage(ctx, bucket, rank, PASS2, 0, f"shard {rank}")
+        # Every rank sent this rank its compression of the same shard: n pieces of one size.
+        pieces = split_payloads(codec, algorithm.worker, received, shard, [segments[rank]] * n)
+        ctx_server = _stage(ctx, bucket, rank, PASS2, 0, f"shard {rank}", segments[rank])
         served = algorithm.server_stage(
             codec, pieces, {name: state[name] for name in algorithm.state_names(SERVER)},
             ctx_server)
-        gathered = yield Collective("allgather", served.payload, "pass2")
+        sizes = tuple(algorithm.server.payload_nbytes(shard, s) for s in segments)
+        gathered = yield Collective("allgather", served.payload, "pass2", sizes)
 
-        decoded = xp.slice(xp.concat(split_payloads(codec, algorithm.server, gathered, shard, n)),
-                           0, bucket.numel)
+        decoded = xp.slice(xp.concat(split_payloads(codec, algorithm.server, gathered, shard,
+                                                    segments)), 0, bucket.numel)
         new_state = {name: xp.concat(parts) for name, parts in worker_state.items()}
+        valid = shard_valid_numel(bucket.numel, n, rank)
         new_state.update({name: _zero_tail(xp, value, valid)
                           for name, value in served.state.items()})
         return BucketResult(algorithm.output_stage(codec, decoded, ctx_server), new_state)
@@ -229,10 +262,11 @@ class _Replicated(Exchange):
     def run(self, codec, algorithm, bucket, flat, state, ctx):
         worker_names = algorithm.state_names(WORKER)
         stream_rank = 0 if self.shared_stream else ctx.rank
+        segments = tensor_segments(bucket)
         sent = algorithm.worker_stage(codec, flat, {name: state[name] for name in worker_names},
-                                      _stage(ctx, bucket, 0, PASS1, stream_rank, ""))
+                                      _stage(ctx, bucket, 0, PASS1, stream_rank, "", segments))
         pieces = yield from self.gather_pieces(codec, algorithm, bucket, sent.payload, ctx)
-        ctx_server = _stage(ctx, bucket, 0, PASS2, 0, "")
+        ctx_server = _stage(ctx, bucket, 0, PASS2, 0, "", segments)
         served = algorithm.server_stage(
             codec, pieces, {name: state[name] for name in algorithm.state_names(SERVER)},
             ctx_server)
@@ -249,13 +283,15 @@ class Allgather(_Replicated):
 
     name = "allgather"
 
-    def pass_bytes(self, algorithm, numel, size):
-        payload = (size - 1) * algorithm.worker.payload_nbytes(numel)
+    def pass_bytes(self, algorithm, bucket, size, rank=0):
+        payload = (size - 1) * algorithm.worker.payload_nbytes(bucket.numel,
+                                                               tensor_segments(bucket))
         return PassBytes(payload, payload, 0, 0)
 
     def gather_pieces(self, codec, algorithm, bucket, payload, ctx):
         gathered = yield Collective("allgather", payload, "pass1")
-        return split_payloads(codec, algorithm.worker, gathered, bucket.numel, ctx.size)
+        return split_payloads(codec, algorithm.worker, gathered, bucket.numel,
+                              [tensor_segments(bucket)] * ctx.size)
 
 
 class Allreduce(_Replicated):
@@ -272,15 +308,18 @@ class Allreduce(_Replicated):
                 f"compressors (Identity, FP16, RandK); {algorithm.worker!r} is not linear: "
                 "use exchange='sharded' or 'allgather'")
 
-    def pass_bytes(self, algorithm, numel, size):
-        ring = 2 * (size - 1) * algorithm.worker.layout(numel)["values"].nbytes // size
+    def pass_bytes(self, algorithm, bucket, size, rank=0):
+        layout = algorithm.worker.layout(bucket.numel, tensor_segments(bucket))
+        ring = 2 * (size - 1) * layout["values"].nbytes // size
         return PassBytes(ring, ring, 0, 0)
 
     def gather_pieces(self, codec, algorithm, bucket, payload, ctx):
-        header, values = codec.split_linear(algorithm.worker, payload, bucket.numel)
+        segments = tensor_segments(bucket)
+        header, values = codec.split_linear(algorithm.worker, payload, bucket.numel, segments)
         averaged = yield Collective("allreduce_average", values, "pass1")
-        joined = codec.join_linear(algorithm.worker, header, averaged, bucket.numel)
-        return [codec.decompress(algorithm.worker, joined, bucket.numel, name=bucket.describe())]
+        joined = codec.join_linear(algorithm.worker, header, averaged, bucket.numel, segments)
+        return [codec.decompress(algorithm.worker, joined, bucket.numel, name=bucket.describe(),
+                                 segments=segments)]
 
 
 class Plain(Exchange):
@@ -297,8 +336,8 @@ class Plain(Exchange):
     def state_numel(self, placement, numel, size):
         return 0
 
-    def pass_bytes(self, algorithm, numel, size):
-        ring = fp32_allreduce_bytes(numel, size)
+    def pass_bytes(self, algorithm, bucket, size, rank=0):
+        ring = fp32_allreduce_bytes(bucket.numel, size)
         return PassBytes(ring, ring, 0, 0)
 
     def run(self, codec, algorithm, bucket, flat, state, ctx):
@@ -327,18 +366,24 @@ def make_exchange(exchange) -> Exchange:
                      f"got {exchange!r}")
 
 
-def split_payloads(codec, compressor, gathered: Tensor, numel: int, size: int) -> list[Tensor]:
-    """``size`` equal payloads of ``numel`` entries each (rank order), decoded."""
-    nbytes = compressor.payload_nbytes(numel)
-    return [codec.decompress(compressor, codec.xp.slice(gathered, r * nbytes, (r + 1) * nbytes),
-                             numel) for r in range(size)]
+def split_payloads(codec, compressor, gathered: Tensor, numel: int,
+                   segments: list[tuple[int, ...]]) -> list[Tensor]:
+    """The payloads packed back to back in ``gathered`` (rank order), decoded: piece r is a vector
+    of ``numel`` entries in ``segments[r]``, its size ``payload_nbytes(numel, segments[r])``."""
+    pieces, start = [], 0
+    for piece_segments in segments:
+        stop = start + compressor.payload_nbytes(numel, piece_segments)
+        pieces.append(codec.decompress(compressor, codec.xp.slice(gathered, start, stop), numel,
+                                       segments=piece_segments))
+        start = stop
+    return pieces
 
 
-def _stage(ctx: StepContext, bucket, shard: int, stage: int, stream_rank: int,
-           where: str) -> StageContext:
+def _stage(ctx: StepContext, bucket, shard: int, stage: int, stream_rank: int, where: str,
+           segments: tuple[int, ...]) -> StageContext:
     name = f"{bucket.describe()} {where}".rstrip()
     return StageContext(stage_nonce(ctx.step, bucket.index, shard, stage, stream_rank), name,
-                        ctx.step, ctx.learning_rate)
+                        step=ctx.step, learning_rate=ctx.learning_rate, segments=segments)
 
 
 def _zero_tail(xp, x: Tensor, valid: int) -> Tensor:

@@ -2,8 +2,10 @@
 
 :class:`FakeWorld` gives each rank a :class:`FakeCollectives` with the interface the exchange driver
 uses (``rank``, ``size``, ``launch``, ``wait``). Collectives are matched across ranks by name, as
-Horovod matches them, and computed in NumPy in rank order: ``alltoall`` (equal split along dim 0),
-``allgather`` (concatenation) and ``allreduce_average`` (the float32 mean, summed in rank order).
+Horovod matches them, and computed in NumPy in rank order: ``alltoall`` (split along dim 0, equally
+or by ``splits``), ``allgather`` (concatenation) and ``allreduce_average`` (the float32 mean, summed
+in rank order). ``splits`` must be the same list on every rank and match the tensors, as
+:class:`~horovod_squeeze.exchange.Collective` describes it; a mismatch raises, naming the rank.
 Results come back as the framework's tensors on the input's device. A rank whose peers never
 join a collective gets :class:`FakeTimeout` naming it, never a hang.
 
@@ -69,18 +71,24 @@ class FakeWorld:
                 raise RuntimeError(f"rank {rank} failed: {error!r}") from error
         return results
 
-    def _join(self, op: str, name: tuple[str, int], rank: int, array: np.ndarray) -> np.ndarray:
+    def _join(self, op: str, name: tuple[str, int], rank: int, array: np.ndarray,
+              splits: tuple[int, ...] | None) -> np.ndarray:
         """``name`` is the collective's name and how often this rank used it before: a rank may
         reuse a name (the next step) before the slowest rank has collected the last result."""
         with self._lock:
-            call = self._calls.setdefault(name, {"op": op, "inputs": {}, "output": None,
-                                                 "collected": 0})
+            call = self._calls.setdefault(name, {"op": op, "splits": splits, "inputs": {},
+                                                 "output": None, "collected": 0})
             if call["op"] != op:
                 raise RuntimeError(f"collective {name!r}: rank {rank} calls {op}, another rank "
                                    f"{call['op']}")
+            if call["splits"] != splits:
+                raise RuntimeError(f"collective {name!r}: rank {rank} gives splits {splits}, "
+                                   f"another rank {call['splits']}")
+            _check_splits(op, name, rank, array, splits, self.size)
             call["inputs"][rank] = array
             if len(call["inputs"]) == self.size:
-                call["output"] = _compute(op, [call["inputs"][r] for r in range(self.size)])
+                call["output"] = _compute(op, [call["inputs"][r] for r in range(self.size)],
+                                          splits)
                 self._lock.notify_all()
             elif not self._lock.wait_for(lambda: call["output"] is not None, self.timeout):
                 missing = sorted(set(range(self.size)) - set(call["inputs"]))
@@ -93,7 +101,21 @@ class FakeWorld:
             return output[rank] if op == "alltoall" else output
 
 
-def _compute(op: str, inputs: list[np.ndarray]):
+def _check_splits(op: str, name, rank: int, array: np.ndarray, splits, size: int) -> None:
+    """Refuses splits that do not describe this rank's tensor (what Horovod would reject or
+    mis-slice)."""
+    if splits is None:
+        return
+    if op == "allreduce_average" or len(splits) != size or min(splits) < 0:
+        raise ValueError(f"collective {name!r} ({op}): rank {rank} gives splits {splits}; "
+                         f"expected {size} non-negative piece sizes for alltoall or allgather")
+    mine = sum(splits) if op == "alltoall" else splits[rank]
+    if array.shape[0] != mine:
+        raise ValueError(f"collective {name!r} ({op}): rank {rank} sends {array.shape[0]} "
+                         f"entries, its splits {splits} say {mine}")
+
+
+def _compute(op: str, inputs: list[np.ndarray], splits):
     if op == "allgather":
         return np.concatenate(inputs)
     if op == "allreduce_average":
@@ -101,7 +123,9 @@ def _compute(op: str, inputs: list[np.ndarray]):
         for piece in inputs[1:]:
             total = total + piece
         return (total / np.float32(len(inputs))).astype(inputs[0].dtype)
-    pieces = [np.split(x, len(inputs)) for x in inputs]  # alltoall: pieces[sender][receiver]
+    # alltoall: pieces[sender][receiver]
+    cuts = len(inputs) if splits is None else np.cumsum(splits)[:-1]
+    pieces = [np.split(x, cuts) for x in inputs]
     return [np.concatenate([pieces[sender][receiver] for sender in range(len(inputs))])
             for receiver in range(len(inputs))]
 
@@ -121,12 +145,13 @@ class FakeCollectives:
         self._world._scopes[self.rank] += 1
         return f"squeeze{scope}"
 
-    def launch(self, op: str, tensor, name: str):
+    def launch(self, op: str, tensor, name: str, splits=None):
         if op not in OPS:
             raise ValueError(f"unknown collective {op!r}; expected one of {OPS}")
         use = self._uses.get(name, 0)
         self._uses[name] = use + 1
-        output = self._world._join(op, (name, use), self.rank, _to_numpy(tensor))
+        splits = None if splits is None else tuple(int(s) for s in splits)
+        output = self._world._join(op, (name, use), self.rank, _to_numpy(tensor), splits)
         return _to_native(output.copy(), tensor)  # each rank owns its result, as each process does
 
     def wait(self, handle):

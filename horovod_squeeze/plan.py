@@ -9,13 +9,16 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from horovod_squeeze.algorithms.base import GRADIENT, SERVER, Algorithm, StateSpec
+from horovod_squeeze.algorithms.base import (
+    AVERAGED_GRADIENT, GRADIENT, MOMENT, SERVER, Algorithm, StateSpec,
+)
 from horovod_squeeze.buckets import Bucket, make_buckets
 from horovod_squeeze.compressors import Compressor
 from horovod_squeeze.exchange import (
-    PLAIN, Exchange, PassBytes, Sharded, StepContext, fp32_allreduce_bytes, make_exchange,
-    shard_numel,
+    PLAIN, BucketResult, Exchange, PassBytes, Sharded, StepContext, fp32_allreduce_bytes,
+    make_exchange, shard_numel,
 )
+from horovod_squeeze.momentum import WorkerMomentum
 
 __all__ = ["EngineOptions", "Plan", "check_algorithm"]
 
@@ -65,9 +68,15 @@ class Plan:
     """An algorithm over an exchange for fixed named shapes on ``size`` ranks."""
 
     def __init__(self, algorithm: Algorithm, named_shapes, size: int,
-                 options: EngineOptions = EngineOptions(), *, stacklevel: int = 2):
+                 options: EngineOptions = EngineOptions(), *,
+                 momentum: WorkerMomentum | None = None, stacklevel: int = 2):
         self.algorithm = check_algorithm(algorithm)
         self.options = options
+        if momentum is not None and algorithm.output != AVERAGED_GRADIENT:
+            raise ValueError(f"{algorithm!r} updates the model itself; worker momentum applies "
+                             "to algorithms that average gradients")
+        #: Worker-side momentum applied before every bucket's exchange after warm-up, or None.
+        self.momentum = momentum
         self.exchange = make_exchange(options.exchange)
         self.size = size
         named_shapes = [(name, tuple(int(d) for d in shape)) for name, shape in named_shapes]
@@ -79,15 +88,30 @@ class Plan:
             min_compress_numel=options.min_compress_numel)
         self.numel = sum(b.numel for b in self.buckets)
 
+    def state_specs(self, bucket: Bucket | None = None) -> tuple[StateSpec, ...]:
+        """The state ``bucket`` keeps (every bucket's, without one): the worker momentum's, in
+        every bucket, then the algorithm's, in compressed buckets."""
+        specs = self.momentum.state() if self.momentum is not None else ()
+        if bucket is None or bucket.compressed:
+            specs += self.algorithm.state()
+        return specs
+
     def state_layout(self, bucket: Bucket) -> dict[str, int]:
-        """This rank's state tensors of ``bucket``: name -> length (none for a plain bucket)."""
-        return {spec.name: bucket.exchange.state_numel(spec.placement, bucket.numel, self.size)
-                for spec in self.algorithm.state()} if bucket.compressed else {}
+        """This rank's state tensors of ``bucket``: name -> length."""
+        layout = {}
+        for spec in self.state_specs(bucket):
+            if spec.units == MOMENT:  # applied to the whole bucket before the exchange
+                layout[spec.name] = bucket.numel
+            else:
+                layout[spec.name] = bucket.exchange.state_numel(spec.placement, bucket.numel,
+                                                                self.size)
+        return layout
 
     def state_span(self, bucket: Bucket, spec: StateSpec, rank: int) -> tuple[int, int]:
         """Where this rank's ``spec`` tensor of ``bucket`` sits in the bucket: ``(start, stop)``,
         covering the tensor's first ``stop - start`` entries (the rest is padding)."""
-        if spec.placement == SERVER and isinstance(bucket.exchange, Sharded):
+        if spec.placement == SERVER and isinstance(bucket.exchange, Sharded) \
+                and spec.units != MOMENT:
             shard = shard_numel(bucket.numel, self.size)
             start = min(rank * shard, bucket.numel)
             return start, min(start + shard, bucket.numel)
@@ -95,29 +119,41 @@ class Plan:
 
     def gradient_state(self) -> tuple[str, ...]:
         """Names of the state in gradient units: what a learning-rate change rescales."""
-        return tuple(s.name for s in self.algorithm.state() if s.units == GRADIENT)
+        return tuple(s.name for s in self.state_specs() if s.units == GRADIENT)
 
     def exchange_of(self, bucket: Bucket, warm: bool) -> Exchange:
         """The bucket's exchange this step: plain while warming up."""
         return PLAIN if warm else bucket.exchange
 
     def run(self, codec, bucket: Bucket, flat, state: dict, *, step, rank: int, warm: bool,
-            learning_rate=None):
-        """The bucket's step as an exchange generator (see :mod:`horovod_squeeze.driver`)."""
-        return self.exchange_of(bucket, warm).run(
-            codec, self.algorithm, bucket, flat, state,
-            StepContext(step, rank, self.size, learning_rate))
+            learning_rate=None, momentum_scale=None):
+        """The bucket's step as an exchange generator (see :mod:`horovod_squeeze.driver`): the
+        worker momentum (after warm-up; times ``momentum_scale`` if given), then the exchange."""
+        context = StepContext(step, rank, self.size, learning_rate)
+        exchange = self.exchange_of(bucket, warm)
+        if self.momentum is None or warm:
+            return exchange.run(codec, self.algorithm, bucket, flat, state, context)
+        sent, moment = self.momentum.apply(flat, state, momentum_scale)
+        return _with_state(exchange.run(codec, self.algorithm, bucket, sent, state, context),
+                           moment)
 
-    def step_bytes(self, warm: bool) -> PassBytes:
-        """Payload bytes one rank sends and receives in a step (warm-up: all plain)."""
+    def step_bytes(self, warm: bool, rank: int = 0) -> PassBytes:
+        """Payload bytes rank ``rank`` sends and receives in a step (warm-up: all plain); under
+        ``sharded`` ranks differ by the few bytes their shards' segments and padding make."""
         total = PassBytes(0, 0, 0, 0)
         for bucket in self.buckets:
-            total += self.exchange_of(bucket, warm).pass_bytes(self.algorithm, bucket.numel,
-                                                                self.size)
+            total += self.exchange_of(bucket, warm).pass_bytes(self.algorithm, bucket, self.size,
+                                                                rank)
         return total
 
     @property
     def fp32_bytes(self) -> int:
         """What an fp32 ring allreduce of the same gradients sends: the baseline."""
         return fp32_allreduce_bytes(self.numel, self.size)
+
+
+def _with_state(steps, extra: dict):
+    """An exchange generator whose result also carries ``extra`` state."""
+    result = yield from steps
+    return BucketResult(result.output, {**result.state, **extra})
 

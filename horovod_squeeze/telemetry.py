@@ -53,9 +53,7 @@ def state_norms(plan, state: dict, rank: int) -> dict[str, dict[str, float]]:
     for bucket in plan.buckets:
         for name, _, start, stop in bucket.spans():
             norms.setdefault(name, {})
-        if not bucket.compressed:
-            continue
-        for spec in plan.algorithm.state():
+        for spec in plan.state_specs(bucket):
             placed = np.zeros(bucket.numel, np.float32)
             first, last = plan.state_span(bucket, spec, rank)
             placed[first:last] = state[bucket.index][spec.name][:last - first]

@@ -107,8 +107,9 @@ def simulate(config, buckets, num_ranks, *, steps=STEPS, gradients=None):
             if kind == UNCOMPRESSED or step < warmup:
                 flat = _rank_order_mean(grads)
             else:
-                flat, states[index] = simulate_step(algorithm, exchange, grads, states[index],
-                                                    step=step, bucket=index)
+                flat, states[index] = simulate_step(
+                    algorithm, exchange, grads, states[index], step=step, bucket=index,
+                    sizes=[g.size for g in per_rank[0]])
             offset = 0
             for n, g in zip(names, per_rank[0]):
                 applied[n] = flat[offset:offset + g.size].reshape(g.shape)

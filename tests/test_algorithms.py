@@ -24,8 +24,15 @@ from horovod_squeeze.torch.engine import SqueezeEngine
 from simulation_cases import SHAPES, check_against_simulation, gradient, simulate
 
 STEPS = 4
-# Three buckets: layer3.weight alone (over the cap), layer2 + layer1 weights, and the bias plain.
+# Buckets of at most 1310 entries; tensors below 100 entries go to the plain bucket.
 LAYOUT = {"bucket_cap_mb": 0.005, "min_compress_numel": 100}
+
+# The table's model. Its buckets: head + norm + fc2 weights (650 entries), fc1.weight alone (1200),
+# conv + embed weights (866), and the two biases plain. So compressions see several tensors, a
+# tensor smaller than a shard, and shard boundaries that cut tensors (every rank count).
+TABLE_SHAPES = {"embed.weight": (50, 13), "conv.weight": (8, 3, 3, 3), "conv.bias": (8,),
+                "fc1.weight": (40, 30), "fc1.bias": (40,), "fc2.weight": (10, 40),
+                "norm.weight": (130,), "head.weight": (3, 40)}
 
 # Each algorithm with and without a server compressor, deterministic and stochastic compressors
 # (QSGD, RandK, Ternary, Natural draw random numbers), linear ones for the allreduce exchange.
@@ -72,6 +79,15 @@ def random_gradient(shape, rank, step):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+def table_gradient(name, rank, step):
+    """A gradient of a :data:`TABLE_SHAPES` tensor; tensors differ in magnitude by up to 100x, so
+    a scale shared across tensors would show."""
+    index = list(TABLE_SHAPES).index(name)
+    seed = 31 * index + 1009 * rank + 100_003 * step
+    values = np.random.default_rng(seed).standard_normal(TABLE_SHAPES[name])
+    return (values * 10.0 ** (index % 3 - 1)).astype(np.float32)
+
+
 def run_engine(algorithm, num_ranks, *, steps=STEPS, shapes=SHAPES, gradients=gradient,
                dtype=torch.float32, learning_rate=None, **options):
     """Runs the engine on ``num_ranks`` in-process ranks; per rank, the records of
@@ -113,19 +129,51 @@ def test_engine_matches_reference_bit_for_bit(algorithm, exchange, num_ranks):
     config = {"compression": algorithm, "exchange": exchange, **LAYOUT}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = run_engine(algorithm, num_ranks, exchange=exchange, **LAYOUT)
+        results = run_engine(algorithm, num_ranks, shapes=TABLE_SHAPES, gradients=table_gradient,
+                             exchange=exchange, **LAYOUT)
     messages = {str(w.message) for w in caught}
     if _lossy_one_pass(algorithm, exchange):
         assert len(messages) == 1 and "nothing travels in a second pass" in messages.pop()
     else:
         assert not messages
-    kinds = [kind for _, _, kind, _ in results[0]["buckets"]]
-    assert kinds == [exchange, exchange, "uncompressed"]
-    check_against_simulation(config, results, num_ranks, exact=True)
+    buckets = results[0]["buckets"]
+    assert [kind for _, _, kind, _ in buckets] == [exchange] * 3 + ["uncompressed"]
+    assert [len(names) for _, names, _, _ in buckets] == [3, 1, 2, 2]
+    check_against_simulation(config, results, num_ranks, exact=True, gradients=table_gradient)
     # The records are not trivially equal: compression changed what was applied.
-    mean0 = np.mean([gradient("layer3.weight", r, 0) for r in range(num_ranks)], axis=0)
-    applied0 = results[0]["steps"][0]["applied"]["layer3.weight"]
+    mean0 = np.mean([table_gradient("fc1.weight", r, 0) for r in range(num_ranks)], axis=0)
+    applied0 = results[0]["steps"][0]["applied"]["fc1.weight"]
     assert not np.allclose(applied0, mean0, rtol=1e-3, atol=1e-3) or algorithm.worker == hs.FP16()
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_one_parameter_model_steps_by_its_gradient(framework):
+    # Regression: a one-entry tensor in an 8-entry shard once took the L1 scale of the padded
+    # shard, 1/8 of its value in each pass, so the model moved by a fraction of its gradient.
+    # With per-segment scales and padding that never travels, 1-bit sign of one entry is exact.
+    algorithm, steps = hs.DoubleSqueeze(hs.ScaledSign()), 3
+
+    def body(comm):
+        if framework == "torch":
+            engine = SqueezeEngine(algorithm, [("w", (1,))], collectives=comm,
+                                   exchange="sharded", min_compress_numel=0)
+            out = []
+            for _ in range(steps):
+                engine.submit("w", torch.ones(1))
+                out.append(engine.result("w").tolist())
+            return out, {n: t.tolist() for n, t in engine.state[0].items()}
+        import tensorflow as tf
+
+        from horovod_squeeze.tensorflow.engine import SqueezeEngine as TFEngine
+
+        engine = TFEngine(algorithm, [("w", (1,))], collectives=comm, exchange="sharded",
+                          min_compress_numel=0)
+        out = [engine([tf.ones([1])])[0].numpy().tolist() for _ in range(steps)]
+        return out, {n: v.numpy().tolist() for n, v in engine.state[0].items()}
+
+    for rank, (applied, state) in enumerate(FakeWorld(2).run(body)):
+        assert applied == [[1.0]] * steps, f"rank {rank}"
+        assert state == {"worker_residual": [0.0] * 16, "server_residual": [0.0] * 8}
 
 
 @pytest.mark.parametrize("num_ranks", [2, 3, 4])
@@ -195,12 +243,12 @@ def test_error_feedback_returns_the_average_of_the_workers_payloads_exactly(exch
     results = run_engine(hs.ErrorFeedback(compressor), num_ranks, steps=1, shapes={"w": (numel,)},
                          gradients=lambda n, r, s: grads[r], exchange=exchange,
                          min_compress_numel=0)
-    # TopK compresses each segment: the whole bucket (allgather) or each shard (sharded).
-    segment = numel if exchange == "allgather" else shard_numel(numel, num_ranks)
-    padded = [np.pad(g, (0, -numel % segment)) for g in grads]
+    # TopK compresses each vector: the whole bucket (allgather) or each shard's real entries
+    # (sharded: the last shard's padding is never selected).
+    vector = numel if exchange == "allgather" else shard_numel(numel, num_ranks)
     pieces = [np.concatenate([reference.decompress(compressor, reference.compress(
-        compressor, p[start:start + segment]), segment)
-        for start in range(0, p.size, segment)])[:numel] for p in padded]
+        compressor, g[start:start + vector]), min(vector, numel - start))
+        for start in range(0, numel, vector)]) for g in grads]
     expected = (pieces[0] + pieces[1]) / np.float32(2)
     assert np.count_nonzero(expected) < 0.11 * numel  # at most two ranks' 5%
     for rank in range(num_ranks):

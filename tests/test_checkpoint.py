@@ -84,7 +84,7 @@ def test_gathered_state_is_every_ranks_state_by_parameter(exchange):
     saved = results[0][1]
     assert {k: v for k, v in saved.items() if k != "state"} == {
         "version": checkpoint.FORMAT_VERSION, "step": steps, "world_size": num_ranks,
-        "algorithm": repr(ALGORITHM), "exchange": exchange,
+        "learning_rate": None, "algorithm": repr(ALGORITHM), "exchange": exchange,
         "parameters": [(n, s) for b in plan.buckets if b.compressed
                        for n, s in zip(b.names, b.shapes)]}
     assert {n: (e["placement"], e["units"]) for n, e in saved["state"].items()} == {

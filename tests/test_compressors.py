@@ -1,5 +1,6 @@
 """Every compressor in every framework: byte-identical payloads, exact round trips against the NumPy
-reference, declared contracts measured on random vectors, and clear errors for bad input."""
+reference (whole tensors, and buckets of segments with padding), declared contracts measured on
+random vectors, and clear errors for bad input."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ import horovod_squeeze as hs
 from horovod_squeeze import reference
 from horovod_squeeze.compressors import FP16_MAX
 
-from codec_backends import NATIVE
+from codec_backends import NATIVE, numpy_backend
+
+NUMPY = numpy_backend()
 
 # One table drives the shared tests: every compressor, in the configurations worth covering.
 SPECS = [
@@ -120,6 +123,200 @@ def test_tensorflow_graph_mode_matches_eager(spec):
     np.testing.assert_array_equal(decoded.numpy(), codecs.decompress(spec, payload, 70_001).numpy())
 
 
+# --- segments: per-tensor scales, padding that never travels ------------------------------------
+
+# (numel, segments): tensors of a bucket, parts of tensors in a shard, padding past the segments.
+SEGMENTED = [
+    (1000, (1000,)),                     # one whole segment: the same as segments=None
+    (1000, (300, 1, 699)),               # a one-entry tensor between two large ones
+    (1003, (5, 990)),                    # 8 entries of padding
+    (16, ()),                            # a shard of padding only
+    (300, (5,) * 60),                    # many small tensors
+    (70_008, (64, 1, 30_000, 39_935)),   # large, with padding
+]
+
+
+def _segmented_vector(numel, segments, seed):
+    """Segments of very different magnitudes (so a shared scale would be wrong), then padding
+    filled with values that must not matter."""
+    rng = np.random.default_rng(seed)
+    x = np.full(numel, 1e6, np.float32)
+    start = 0
+    for i, length in enumerate(segments):
+        magnitude = np.float32(10.0 ** (i % 5 - 2))
+        x[start:start + length] = _vector("normal", length, seed + i) * magnitude
+        start += length
+    x[start:] = rng.standard_normal(numel - start).astype(np.float32) * 1e6
+    return x
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_segmented_payloads_are_byte_identical_to_reference(native, spec):
+    for numel, segments in SEGMENTED:
+        x = _segmented_vector(numel, segments, seed=numel)
+        what = f"{spec} numel={numel} segments={segments[:4]}..."
+        expected = reference.compress(spec, x, nonce=numel, segments=segments)
+        payload = native.numpy(native.compress(spec, native.tensor(x), nonce=numel,
+                                               segments=segments))
+        assert payload.nbytes == spec.payload_nbytes(numel, segments) == expected.nbytes, what
+        np.testing.assert_array_equal(payload, expected, err_msg=what)
+        want = reference.decompress(spec, expected, numel, segments=segments)
+        got = native.numpy(native.decompress(spec, native.tensor(expected), numel,
+                                             segments=segments))
+        assert got.shape == (numel,)
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32), err_msg=what)
+        real = sum(segments)
+        assert not np.any(want[real:].view(np.int32)), f"{what}: padding decodes to +0.0"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_one_whole_segment_is_the_unsegmented_payload(spec):
+    x = _vector("normal", 1000, seed=3)
+    np.testing.assert_array_equal(reference.compress(spec, x, nonce=2, segments=(1000,)),
+                                  reference.compress(spec, x, nonce=2))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_padding_never_enters_the_payload(spec):
+    """What the padding holds (even NaN) changes nothing, and it travels in no section."""
+    x = _segmented_vector(1003, (5, 990), seed=1)
+    clean = x.copy()
+    clean[995:] = 0
+    dirty = x.copy()
+    dirty[995:] = np.nan
+    payload = reference.compress(spec, clean, nonce=4, segments=(5, 990))
+    np.testing.assert_array_equal(reference.compress(spec, dirty, nonce=4, segments=(5, 990)),
+                                  payload)
+    np.testing.assert_array_equal(
+        payload, reference.compress(spec, clean[:995], nonce=4, segments=(5, 990)))
+
+
+def test_topk_never_selects_padding(native):
+    x = np.zeros(24, np.float32)
+    x[:17] = np.arange(1, 18, dtype=np.float32)
+    x[17:] = 1000  # padding: the largest values, never chosen
+    spec = hs.TopK(0.25)
+    decoded = native.numpy(native.decompress(
+        spec, native.compress(spec, native.tensor(x), segments=(10, 7)), 24, segments=(10, 7)))
+    np.testing.assert_array_equal(np.nonzero(decoded)[0], [12, 13, 14, 15, 16])  # k = ceil(17/4)
+
+
+@pytest.mark.parametrize("block_size", [None, 1, 3, 64])
+@pytest.mark.parametrize("scale", ["l1", "rms"])
+def test_scaled_sign_of_a_bucket_is_its_tensors_one_by_one(native, scale, block_size):
+    """Per-segment scales: compressing a bucket decodes to what compressing each tensor alone
+    does (zeros="positive" has no position-dependent rule)."""
+    spec = hs.ScaledSign(scale=scale, block_size=block_size)
+    segments = (1, 7, 130, 2, 64)
+    x = _segmented_vector(210, segments, seed=8)
+    decoded = native.numpy(native.decompress(
+        spec, native.compress(spec, native.tensor(x), segments=segments), 210, segments=segments))
+    alone, start = [], 0
+    for length in segments:
+        part = x[start:start + length]
+        alone.append(reference.decompress(spec, reference.compress(spec, part), length))
+        start += length
+    np.testing.assert_array_equal(decoded[:204], np.concatenate(alone))
+    np.testing.assert_array_equal(decoded[204:], np.zeros(6, np.float32))
+
+
+def test_scaled_sign_scales_per_tensor_not_per_shard():
+    # A tiny tensor beside a large one keeps its own scale: 0.001, not the shared l1 mean.
+    x = np.array([0.001, -0.001, 5, -5, 5, -5], np.float32)
+    spec = hs.ScaledSign()
+    np.testing.assert_array_equal(
+        reference.decompress(spec, reference.compress(spec, x, segments=(2, 4)), 6,
+                             segments=(2, 4)), x)
+    shared = reference.decompress(spec, reference.compress(spec, x), 6)
+    assert shared[0] > 3  # one scale for the whole vector: the tiny tensor steps by 3.33
+
+
+def test_one_parameter_shard_is_not_scaled_by_its_padding():
+    # The regression behind segments: one real entry in an 8-entry shard decodes to itself.
+    x = np.array([1, 0, 0, 0, 0, 0, 0, 0], np.float32)
+    for spec in (hs.ScaledSign(), hs.ScaledSign(scale="rms"), hs.Ternary(p="2")):
+        payload = reference.compress(spec, x, segments=(1,))
+        np.testing.assert_array_equal(reference.decompress(spec, payload, 8, segments=(1,)), x)
+
+
+def test_qsgd_sends_one_quantum_per_segment():
+    x = _segmented_vector(100, (10, 90), seed=2)
+    spec = hs.QSGD(4)
+    payload = reference.compress(spec, x, segments=(10, 90))
+    quanta = payload[:8].view(np.float32)
+    expected = [np.float32(np.linalg.norm(x[:10].astype(np.float64)) / 4),
+                np.float32(np.linalg.norm(x[10:].astype(np.float64)) / 4)]
+    np.testing.assert_array_equal(quanta, expected)
+
+
+def test_ternary_blocks_do_not_straddle_tensors():
+    spec = hs.Ternary(block_size=4)
+    x = np.arange(1, 11, dtype=np.float32)  # segments (6, 4): blocks [1..4], [5, 6], [7..10]
+    payload = reference.compress(spec, x, segments=(6, 4))
+    np.testing.assert_array_equal(payload[:12].view(np.float32), [4, 6, 10])
+
+
+def test_to_contractive_scales_each_segment_by_its_own_omega(native):
+    inner = hs.QSGD(2)
+    spec = hs.ToContractive(inner)
+    segments = (3, 400)
+    x = _segmented_vector(403, segments, seed=6)
+    payload = native.compress(spec, native.tensor(x), nonce=5, segments=segments)
+    decoded = native.numpy(native.decompress(spec, payload, 403, segments=segments))
+    raw = reference.decompress(inner, native.numpy(payload), 403, segments=segments)
+    factors = [1 / (inner.contract(length).omega + 1) for length in segments]
+    assert spec.segment_scales(403, segments) == pytest.approx(factors)
+    assert factors[0] > factors[1]  # the small tensor is shrunk less
+    np.testing.assert_array_equal(decoded[:3], raw[:3] * np.float32(factors[0]))
+    np.testing.assert_array_equal(decoded[3:], raw[3:] * np.float32(factors[1]))
+    # Without a per-segment quantizer, one factor for the whole vector.
+    randk = hs.ToContractive(hs.RandK(0.1, unbiased=True))
+    assert randk.segment_scales(403, segments) == pytest.approx(
+        (randk.contract(403, segments).delta,) * 2)
+
+
+@pytest.mark.parametrize("spec", [hs.ScaledSign(block_size=64), hs.QSGD(4), hs.Ternary(),
+                                  hs.ToContractive(hs.QSGD(2)), hs.TopK(0.1)], ids=spec_id)
+def test_tensorflow_graph_mode_with_segments_matches_reference(spec):
+    import tensorflow as tf
+
+    from horovod_squeeze.tensorflow import codecs
+
+    numel, segments = 70_008, (64, 1, 30_000, 39_935)
+    x = _segmented_vector(numel, segments, seed=4)
+
+    @tf.function
+    def round_trip(v):
+        payload = codecs.compress(spec, v, nonce=4, segments=segments)
+        return payload, codecs.decompress(spec, payload, numel, segments=segments)
+
+    payload, decoded = round_trip(tf.constant(x))
+    expected = reference.compress(spec, x, nonce=4, segments=segments)
+    np.testing.assert_array_equal(payload.numpy(), expected)
+    np.testing.assert_array_equal(decoded.numpy(),
+                                  reference.decompress(spec, expected, numel, segments=segments))
+
+
+@pytest.mark.parametrize("segments, message", [
+    ((600, 500), r"segments \(600, 500\) sum to 1100, more than the 1000 entries"),
+    ((10, 0, 5), "segments must be positive integers"),
+    ((10, -3), "segments must be positive integers"),
+    ((2.5, 7), "segments must be positive integers"),
+])
+def test_bad_segments_are_rejected_by_name(native, segments, message):
+    x = np.ones(1000, np.float32)
+    for backend in (native, NUMPY):
+        with pytest.raises(ValueError, match="conv1.weight: " + message):
+            backend.compress(hs.ScaledSign(), backend.tensor(x), name="conv1.weight",
+                             segments=segments)
+    payload = reference.compress(hs.ScaledSign(), x)
+    with pytest.raises(ValueError, match="conv1.weight: " + message):
+        native.decompress(hs.ScaledSign(), native.tensor(payload), 1000, name="conv1.weight",
+                          segments=segments)
+    with pytest.raises(ValueError, match=message):
+        hs.ScaledSign().payload_nbytes(1000, segments)
+
+
 # --- payload sizes -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec, size, nbytes", [
@@ -138,6 +335,38 @@ def test_tensorflow_graph_mode_matches_eager(spec):
 ])
 def test_payload_sizes(spec, size, nbytes):
     assert spec.payload_nbytes(size) == nbytes
+
+
+@pytest.mark.parametrize("spec, numel, segments, nbytes", [
+    (hs.Identity(), 1003, (1000,), 4000),                       # padding never travels
+    (hs.FP16(), 1003, (600, 400), 2000),
+    (hs.ScaledSign(), 1000, (300, 700), 2 * 4 + 125),           # a scale per tensor
+    (hs.ScaledSign(), 1003, (1000,), 4 + 125),
+    (hs.ScaledSign(block_size=256), 1000, (300, 700), 5 * 4 + 125),  # blocks 256+44, 256*2+188
+    (hs.TopK(0.01), 1003, (1000,), 10 * (2 + 4)),               # k and indices of real entries
+    (hs.RandK(0.01), 100_008, (99_000, 1000), 4 + 1000 * 4),
+    (hs.QSGD(4), 1000, (10, 990), 2 * 4 + 1000 * 4 // 8),       # a quantum per tensor
+    (hs.QSGD(4), 16, (), 0),                                    # all padding: nothing
+    (hs.RandK(0.01), 16, (), 4),                                # but the stream key
+    (hs.Ternary(block_size=256), 1000, (300, 700), 5 * 4 + 250),
+    (hs.Natural(), 1003, (1000,), 1125),
+    (hs.ToContractive(hs.QSGD(4)), 1000, (10, 990), 2 * 4 + 500),
+])
+def test_segmented_payload_sizes(spec, numel, segments, nbytes):
+    assert spec.payload_nbytes(numel, segments) == spec.layout(numel, segments).nbytes == nbytes
+
+
+def test_segmented_contracts_come_from_the_largest_block():
+    segments = (10, 990)
+    approx = pytest.approx
+    assert hs.ScaledSign().contract(1003, segments).delta == approx(1 / 990)
+    assert hs.ScaledSign(block_size=64).contract(1003, segments).delta == approx(1 / 64)
+    assert hs.QSGD(4).contract(1003, segments).omega == approx(min(990 / 16, np.sqrt(990) / 4))
+    assert hs.Ternary(block_size=None).contract(1003, segments).omega == approx(np.sqrt(990) - 1)
+    assert hs.TopK(0.01).contract(1003, segments).delta == approx(10 / 1000)  # real entries
+    assert hs.ToContractive(hs.QSGD(4)).contract(1003, segments).delta == \
+        approx(1 / (min(990 / 16, np.sqrt(990) / 4) + 1))
+    assert hs.ScaledSign().contract(16, ()).delta == 1.0  # nothing to lose
 
 
 def test_scaled_sign_is_32x_smaller_than_float32():
@@ -243,13 +472,39 @@ def test_declared_contract_holds(spec):
                 f"declared {contract.error_bound:.4g}")
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_declared_contract_holds_with_segments(spec):
+    numel, segments = 1007, (1, 9, 90, 400, 500)
+    trials = 30 if spec.stochastic else 1
+    for kind in DISTRIBUTIONS:
+        x = _vector(kind, numel, seed=len(kind))
+        x[1000:] = 0  # padding: zero, as the exchanges pad
+        if isinstance(spec, hs.FP16):
+            x = np.clip(np.where(np.abs(x) < 2.0 ** -14, np.float32(1.0), x), -FP16_MAX, FP16_MAX)
+            x[1000:] = 0
+        if not np.any(x):
+            continue
+        errors = []
+        for nonce in range(trials):
+            payload = reference.compress(spec, x, nonce=nonce, segments=segments)
+            decoded = reference.decompress(spec, payload, numel, segments=segments)
+            errors.append(np.sum((decoded - x.astype(np.float64)) ** 2)
+                          / np.sum(x.astype(np.float64) ** 2))
+        bound = spec.contract(numel, segments).error_bound
+        slack = 1.5 if spec.stochastic else 1.0 + 1e-6
+        assert np.mean(errors) <= bound * slack + 1e-12, f"{spec} {kind}"
+
+
+@pytest.mark.parametrize("segments", [None, (5, 20, 39)], ids=["whole", "segments"])
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.contract(10).kind == "unbiased"], ids=spec_id)
-def test_unbiased_compressors_are_unbiased(spec):
+def test_unbiased_compressors_are_unbiased(spec, segments):
     x = _vector("heavy", 64, seed=3)
     trials = 4000
-    mean = np.mean([reference.decompress(spec, reference.compress(spec, x, nonce=n), x.size)
+    mean = np.mean([reference.decompress(spec, reference.compress(spec, x, nonce=n,
+                                                                  segments=segments), x.size,
+                                         segments=segments)
                     for n in range(trials)], axis=0)
-    omega = spec.contract(x.size).omega
+    omega = spec.contract(x.size, segments).omega
     # E||mean - x||^2 <= omega ||x||^2 / trials; five times that is a wide, deterministic margin.
     assert np.sum((mean - x) ** 2) <= 5 * omega * np.sum(x.astype(np.float64) ** 2) / trials
 

@@ -62,6 +62,57 @@ def test_alltoall_on_numpy_arrays():
                                          [4, 5, 14, 15, 24, 25]]
 
 
+def test_alltoall_with_splits_sends_uneven_pieces():
+    # splits[j]: what every rank sends rank j (the same list everywhere), as the sharded exchange
+    # sends shard j's payload, whose size depends on the shard's segments.
+    splits = (1, 3, 0, 2)
+
+    def body(comm):
+        pieces = [[50 * comm.rank + 10 * j + e for e in range(size)]
+                  for j, size in enumerate(splits)]
+        flat = torch.tensor([v for piece in pieces for v in piece], dtype=torch.uint8)
+        return comm.wait(comm.launch("alltoall", flat, "a2a", splits=splits))
+
+    for rank, out in enumerate(FakeWorld(4).run(body)):
+        assert out.dtype == torch.uint8
+        assert out.tolist() == [50 * sender + 10 * rank + e for sender in range(4)
+                                for e in range(splits[rank])]
+
+
+def test_allgather_with_splits_concatenates_uneven_pieces():
+    splits = (2, 0, 3)
+
+    def body(comm):
+        mine = torch.full((splits[comm.rank],), comm.rank, dtype=torch.uint8)
+        return comm.wait(comm.launch("allgather", mine, "ag", splits=splits))
+
+    for out in FakeWorld(3).run(body):
+        assert out.tolist() == [0, 0, 2, 2, 2]
+
+
+@pytest.mark.parametrize("op, splits, tensor, match", [
+    ("alltoall", (1, 2), torch.zeros(4), r"rank 0 sends 4 entries, its splits \(1, 2\) say 3"),
+    ("allgather", (2, 2), torch.zeros(3), r"rank 0 sends 3 entries, its splits \(2, 2\) say 2"),
+    ("alltoall", (4,), torch.zeros(4), r"expected 2 non-negative piece sizes"),
+    ("allreduce_average", (2, 2), torch.zeros(2), "expected 2 non-negative piece sizes"),
+])
+def test_splits_that_do_not_describe_the_tensor_are_refused(op, splits, tensor, match):
+    with pytest.raises(ValueError, match=match):
+        FakeWorld(2, timeout=0.2).collectives(0).launch(op, tensor, "x", splits=splits)
+
+
+def test_ranks_that_disagree_on_splits_raise():
+    def body(comm):
+        if comm.rank == 0:
+            time.sleep(0.2)  # rank 1 registers the name first
+            return comm.launch("alltoall", torch.zeros(3), "x", splits=(1, 2))
+        return comm.launch("alltoall", torch.zeros(3), "x", splits=(2, 1))
+
+    with pytest.raises(RuntimeError, match=r"rank 0 failed") as raised:
+        FakeWorld(2, timeout=1.0).run(body)
+    assert "rank 0 gives splits (1, 2), another rank (2, 1)" in str(raised.value.__cause__)
+
+
 def test_allreduce_average_sums_in_rank_order_in_float32():
     # Column 0: float32 accumulation (1e8 + 1 rounds to 1e8; float64 would give 1/3).
     # Column 1: rank order (1e8 - 1e8 + 1; summed from the last rank it would give 0).
@@ -219,3 +270,13 @@ def test_driver_runs_a_generator_over_the_fake():
 
     for result, again in FakeWorld(2).run(body):
         assert result == again == [0.0, 1.5]  # mean of [0, 1] and [0, 2]
+
+
+def test_driver_passes_the_splits_on():
+    def exchange(rank):
+        sent = torch.arange(3, dtype=torch.float32) + 10 * rank  # 1 entry to rank 0, 2 to rank 1
+        received = yield Collective("alltoall", sent, "uneven", splits=(1, 2))
+        return received.tolist()
+
+    assert FakeWorld(2).run(lambda comm: run_to_end(comm, exchange(comm.rank), "job")) == [
+        [0.0, 10.0], [1.0, 2.0, 11.0, 12.0]]

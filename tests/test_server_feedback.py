@@ -64,7 +64,8 @@ def test_matches_its_oracle(algorithm, exchange, framework):
     for step in range(STEPS):
         grads = [np.concatenate([_gradient(name, r, step).reshape(-1) for name in names])
                  for r in range(n)]
-        want, state = simulate_step(algorithm, exchange, grads, state, step=step)
+        want, state = simulate_step(algorithm, exchange, grads, state, step=step,
+                                    sizes=[np.prod(SHAPES[name]) for name in names])
         for rank in range(n):
             got = np.concatenate([results[rank][0][step][name].reshape(-1) for name in names])
             np.testing.assert_array_equal(got, want)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import horovod_squeeze as hs
+from horovod_squeeze.buckets import Bucket
 from horovod_squeeze.exchange import PLAIN, PassBytes, fp32_allreduce_bytes, shard_numel
 from horovod_squeeze.fake import FakeWorld
 from horovod_squeeze.plan import EngineOptions, Plan
@@ -57,7 +58,7 @@ def test_step_bytes_plain_or_compressed():
     small_ring = PassBytes(fp32_allreduce_bytes(10, 4), fp32_allreduce_bytes(10, 4), 0, 0)
     # Warming up: everything is a plain fp32 allreduce.
     assert plan.step_bytes(warm=True) == ring + small_ring
-    assert PLAIN.pass_bytes(algorithm, 4000, 4) == ring
+    assert PLAIN.pass_bytes(algorithm, big, 4) == ring
     # Compressed: 1 bit per entry of each 1000-entry shard plus a float32 scale, both ways.
     shard = shard_numel(4000, 4)
     assert shard == 1000
@@ -70,17 +71,32 @@ def test_pass_bytes_of_each_exchange():
     n, numel = 4, 100_000
     sign = hs.ScaledSign()
     shard = shard_numel(numel, n)
+    bucket = Bucket(0, ["w"], [(numel,)], hs.Sharded())
     # ErrorFeedback's average comes back exactly: float32 in pass 2 of the sharded exchange.
-    assert hs.Sharded().pass_bytes(hs.ErrorFeedback(sign), numel, n) == PassBytes(
+    assert hs.Sharded().pass_bytes(hs.ErrorFeedback(sign), bucket, n) == PassBytes(
         3 * (shard // 8 + 4), 3 * (shard // 8 + 4), 3 * 4 * shard, 3 * 4 * shard)
-    assert hs.Sharded().pass_bytes(hs.ErrorFeedback(sign, server=sign), numel, n) == \
-        hs.Sharded().pass_bytes(hs.DoubleSqueeze(sign), numel, n)
+    assert hs.Sharded().pass_bytes(hs.ErrorFeedback(sign, server=sign), bucket, n) == \
+        hs.Sharded().pass_bytes(hs.DoubleSqueeze(sign), bucket, n)
     # One pass: every rank's whole payload to the n - 1 others; nothing comes back.
-    assert hs.Allgather().pass_bytes(hs.DoubleSqueeze(sign), numel, n) == PassBytes(
+    assert hs.Allgather().pass_bytes(hs.DoubleSqueeze(sign), bucket, n) == PassBytes(
         3 * (numel // 8 + 4), 3 * (numel // 8 + 4), 0, 0)
     # An allreduce moves only the summed values: RandK's 4-byte stream key stays home.
-    assert hs.Allreduce().pass_bytes(hs.ErrorFeedback(hs.RandK(0.01)), numel, n).pass1_sent \
+    assert hs.Allreduce().pass_bytes(hs.ErrorFeedback(hs.RandK(0.01)), bucket, n).pass1_sent \
         == 2 * 3 * 4000 // 4
+
+
+def test_sharded_pass_bytes_count_each_shards_segments_per_rank():
+    # Tensors of 10 and 20 entries on 2 ranks: shards of 16, rank 0's holds both tensors (two
+    # scales), rank 1's the rest of the second (one scale, 14 real entries, 2 of padding).
+    bucket = Bucket(0, ["a", "b"], [(10,), (20,)], hs.Sharded())
+    algorithm = hs.DoubleSqueeze(hs.ScaledSign())
+    shard0, shard1 = 2 * 4 + 2, 4 + 2  # scales + ceil(16 / 8) and ceil(14 / 8) sign bytes
+    assert hs.Sharded().pass_bytes(algorithm, bucket, 2, rank=0) == PassBytes(
+        shard1, shard0, shard0, shard1)
+    assert hs.Sharded().pass_bytes(algorithm, bucket, 2, rank=1) == PassBytes(
+        shard0, shard1, shard1, shard0)
+    # With one scale per shard (the old layout) both ranks would send 2 * (4 + 2) bytes.
+    assert hs.Allgather().pass_bytes(algorithm, bucket, 2) == PassBytes(2 * 4 + 4, 12, 0, 0)
 
 
 class _Counting:
@@ -93,12 +109,13 @@ class _Counting:
     def new_scope(self):
         return self._comm.new_scope()
 
-    def launch(self, op, tensor, name):
-        output = self._comm.launch(op, tensor, name)
+    def launch(self, op, tensor, name, splits=None):
+        output = self._comm.launch(op, tensor, name, splits=splits)
         n, nbytes = self.size, tensor.numel() * tensor.element_size()
         out_bytes = output.numel() * output.element_size()
-        if op == "alltoall":  # my piece for myself does not travel
-            sent, received = nbytes - nbytes // n, out_bytes - out_bytes // n
+        if op == "alltoall":  # my piece for myself does not travel; I receive n equal pieces
+            mine = nbytes // n if splits is None else splits[self.rank] * tensor.element_size()
+            sent, received = nbytes - mine, out_bytes - out_bytes // n
         elif op == "allgather":
             sent, received = (n - 1) * nbytes, out_bytes - nbytes
         else:  # a ring allreduce

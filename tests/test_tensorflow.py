@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import horovod_squeeze as hs
+from horovod_squeeze.buckets import Bucket
 from horovod_squeeze.exchange import PassBytes, fp32_allreduce_bytes, make_exchange
 from horovod_squeeze.reference.simulate import init_state, simulate_step
 from horovod_squeeze.testing import run_on_ranks
@@ -191,12 +192,13 @@ def test_telemetry_bytes_equal_the_wire_format():
     config = {"compression": DS_SIGN, "min_compress_numel": 100}
     result = run_on_ranks(_run_steps, num_proc, "gloo", args=([config], "eager"), timeout=120)[0][0]
     expected = PassBytes(0, 0, 0, 0)
-    for _, _, kind, numel in result["buckets"]:
+    for index, names, kind, numel in result["buckets"]:
         if kind == "uncompressed":
             ring = fp32_allreduce_bytes(numel, num_proc)
             expected += PassBytes(ring, ring, 0, 0)
         else:
-            expected += make_exchange(kind).pass_bytes(config["compression"], numel, num_proc)
+            bucket = Bucket(index, names, [SHAPES[n] for n in names], make_exchange(kind))
+            expected += make_exchange(kind).pass_bytes(config["compression"], bucket, num_proc)
     total = sum(numel for *_, numel in result["buckets"])
     for step, record in enumerate(result["steps"]):
         assert record["stats"].step == step
@@ -321,7 +323,7 @@ def test_bad_configurations_are_refused():
         hstf.StockCompression(DS_SIGN, _variables())
 
 
-def _keras_training(epochs, checkpoint_dir, resume_at=None):
+def _keras_training(epochs, checkpoint_dir, resume_at=None, optimizer_kind="sgd"):
     """Rank body: a small MLP under fit; with resume_at, stop there, rebuild and resume from the
     checkpoint that rank 0 saved (every rank loads it)."""
     import os
@@ -340,8 +342,12 @@ def _keras_training(epochs, checkpoint_dir, resume_at=None):
         tf.keras.utils.set_random_seed(1)
         model = tf.keras.Sequential([tf.keras.layers.Dense(32, "relu", input_shape=(20,)),
                                      tf.keras.layers.Dense(2)])
-        optimizer = hsk.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9),
-                                             compression=DS_SIGN, min_compress_numel=0)
+        if optimizer_kind == "sgd":
+            wrapped, options = tf.keras.optimizers.SGD(0.1, momentum=0.9), {}
+        else:  # exact Adam for 3 of the 4 steps of epoch 0, then the frozen variance
+            wrapped, options = tf.keras.optimizers.Adam(0.01), {"warmup_steps": 3}
+        optimizer = hsk.DistributedOptimizer(wrapped, compression=DS_SIGN, min_compress_numel=0,
+                                             **options)
         model.compile(optimizer=optimizer,
                       loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
@@ -369,13 +375,17 @@ def _keras_training(epochs, checkpoint_dir, resume_at=None):
             "state_norms": model.optimizer.state_norms()}
 
 
-def test_keras_checkpoint_resumes_identically(tmp_path):
-    uninterrupted = run_on_ranks(_keras_training, 2, "gloo", args=(4, str(tmp_path)), timeout=180)
+@pytest.mark.parametrize("optimizer_kind", ["sgd", "adam"])
+def test_keras_checkpoint_resumes_identically(tmp_path, optimizer_kind):
+    """With worker momentum: SGD momentum from the start, Adam's after its warm-up."""
+    uninterrupted = run_on_ranks(_keras_training, 2, "gloo", args=(4, str(tmp_path)),
+                                 kwargs={"optimizer_kind": optimizer_kind}, timeout=180)
     resumed = run_on_ranks(_keras_training, 2, "gloo", args=(4, str(tmp_path)),
-                           kwargs={"resume_at": 2}, timeout=180)
+                           kwargs={"resume_at": 2, "optimizer_kind": optimizer_kind}, timeout=180)
     for rank in range(2):
         assert resumed[rank]["restored"] and not uninterrupted[rank]["restored"]
         assert any(n["worker_residual"] > 0 for n in resumed[rank]["state_norms"].values())
+        assert any(n["momentum"] > 0 for n in resumed[rank]["state_norms"].values())
         for got, want in zip(resumed[rank]["weights"], uninterrupted[rank]["weights"]):
             np.testing.assert_array_equal(got, want)
         # Layer names differ between the two models; the residuals, in order, do not.

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import horovod_squeeze as hs
+from horovod_squeeze.buckets import Bucket
 from horovod_squeeze.exchange import PassBytes, fp32_allreduce_bytes, make_exchange
 from horovod_squeeze.reference.simulate import init_state, simulate_step
 from horovod_squeeze.testing import run_on_ranks
@@ -99,12 +100,14 @@ def test_telemetry_bytes_equal_the_wire_format():
     results = run_on_ranks(_run_steps, num_proc, "gloo", args=(configs,), timeout=120)
     for config, result in zip(configs, results[0]):
         expected = PassBytes(0, 0, 0, 0)
-        for _, _, kind, numel in result["buckets"]:
+        for index, names, kind, numel in result["buckets"]:
             if kind == "uncompressed":
                 ring = fp32_allreduce_bytes(numel, num_proc)
                 expected += PassBytes(ring, ring, 0, 0)
             else:
-                expected += make_exchange(kind).pass_bytes(config["compression"], numel, num_proc)
+                bucket = Bucket(index, names, [SHAPES[n] for n in names], make_exchange(kind))
+                expected += make_exchange(kind).pass_bytes(config["compression"], bucket,
+                                                           num_proc)
         assert {kind for *_, kind, _ in result["buckets"]} - {"uncompressed"} == {
             config.get("exchange", "sharded")}
         total = sum(numel for *_, numel in result["buckets"])
@@ -327,7 +330,8 @@ def test_accumulation_unused_parameters_and_warmup_match_simulation():
         if step < warmup:
             want = np.mean(flats, axis=0)
         else:
-            want, state = simulate_step(DS_SIGN, "sharded", flats, state, step=step)
+            want, state = simulate_step(DS_SIGN, "sharded", flats, state, step=step,
+                                        sizes=[40, 300])
         for rank in range(num_proc):
             got_used, got_unused = results[rank][step]
             assert_close(np.concatenate([got_unused, got_used]), want, f"rank {rank} step {step}")

@@ -30,15 +30,16 @@ from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 from horovod_squeeze.compressors import Compressor, Identity
 
 __all__ = ["Algorithm", "StateSpec", "StageContext", "WorkerOut", "ServerOut", "Compensated",
-           "compensate", "mean", "WORKER", "SERVER", "GRADIENT", "MODEL", "AVERAGED_GRADIENT",
-           "MODEL_INCREMENT"]
+           "compensate", "mean", "WORKER", "SERVER", "GRADIENT", "MODEL", "MOMENT",
+           "AVERAGED_GRADIENT", "MODEL_INCREMENT"]
 
 Tensor = Any
 
 #: Placements: one tensor per rank, or one per server shard (replicated without a server).
 WORKER, SERVER = "worker", "server"
-#: Units of a state tensor.
-GRADIENT, MODEL = "gradient", "model"
+#: Units of a state tensor: gradient-units residuals (rescaled when the learning rate changes),
+#: model units, and an optimizer's moment (kept as is, as the wrapped optimizer keeps its own).
+GRADIENT, MODEL, MOMENT = "gradient", "model", "moment"
 #: What an algorithm's output is.
 AVERAGED_GRADIENT, MODEL_INCREMENT = "averaged gradient", "model increment"
 
@@ -53,7 +54,7 @@ class StateSpec:
     doc: str = ""
 
     def __post_init__(self):
-        if self.placement not in (WORKER, SERVER) or self.units not in (GRADIENT, MODEL):
+        if self.placement not in (WORKER, SERVER) or self.units not in (GRADIENT, MODEL, MOMENT):
             raise ValueError(f"bad state spec {self!r}")
 
 
@@ -64,6 +65,10 @@ class StageContext(NamedTuple):
     name: str  # what the tensors are, for error messages
     step: Any = 0  # the step counter (an int, or a scalar tensor inside a graph)
     learning_rate: Any = None  # the wrapped optimizer's, for algorithms that update the model
+    #: Lengths of the real segments of the stage's tensors (the bucket's tensors, or their parts
+    #: in a shard; the rest is padding); ``None``: one segment, the whole tensor. Compressions
+    #: pass it to the codec, so every tensor gets its own scales.
+    segments: tuple[int, ...] | None = None
 
 
 class WorkerOut(NamedTuple):
@@ -96,8 +101,10 @@ def compensate(codec, compressor: Compressor, x: Tensor, residual: Tensor | None
     Without a residual (``None``), ``v = x`` and the returned residual is what was lost.
     """
     corrected = x if residual is None else x + residual
-    payload = codec.compress(compressor, corrected, nonce=ctx.nonce, name=ctx.name)
-    decoded = codec.decompress(compressor, payload, _numel(x), name=ctx.name)
+    payload = codec.compress(compressor, corrected, nonce=ctx.nonce, name=ctx.name,
+                             segments=ctx.segments)
+    decoded = codec.decompress(compressor, payload, _numel(x), name=ctx.name,
+                               segments=ctx.segments)
     return Compensated(payload, decoded, corrected - decoded)
 
 

@@ -4,6 +4,10 @@ Written for clarity, not speed: each compressor is a ``compress`` that returns t
 its :class:`~horovod_squeeze.wire.Layout` and a ``decompress`` that rebuilds the float32 vector.
 The PyTorch and TensorFlow codecs must produce byte-identical payloads.
 
+Segments: a vector's real entries are the consecutive segments whose lengths ``segments`` lists;
+compressors with a scale or norm loop over the segments (and over each segment's blocks), and the
+padding past the segments is dropped before compressing and decodes to 0.
+
 Conventions shared by all implementations (they make payloads byte-identical):
 - inputs are flattened in C order and computed in float32;
 - norms and means accumulate in float64 and are rounded once to float32;
@@ -75,17 +79,27 @@ def _uniform(numel: int, key: int) -> np.ndarray:
     return ((hash32(np.arange(numel, dtype=np.int64) ^ key) // 256) * UNIFORM24_SCALE).astype(np.float32)
 
 
-def _blocks(v: np.ndarray, block_size):
-    """List of per-block views of ``v`` (one block when ``block_size`` is None)."""
-    if v.size == 0:
-        return []
-    size = v.size if block_size is None else block_size
-    return [v[i:i + size] for i in range(0, v.size, size)]
+def _cut(segments, block_size) -> list[int]:
+    """Block lengths: each segment cut into pieces of ``block_size`` (None: the segment whole)."""
+    lengths = []
+    for length in segments:
+        size = length if block_size is None else block_size
+        lengths += [min(size, length - start) for start in range(0, length, size)]
+    return lengths
 
 
-def _per_entry(block_values: np.ndarray, numel: int, block_size) -> np.ndarray:
-    size = numel if block_size is None else block_size
-    return np.repeat(block_values, size)[:numel]
+def _split(v: np.ndarray, lengths) -> list[np.ndarray]:
+    """Consecutive views of ``v`` of the given lengths."""
+    parts, start = [], 0
+    for length in lengths:
+        parts.append(v[start:start + length])
+        start += length
+    return parts
+
+
+def _spread(values, lengths) -> np.ndarray:
+    """Value ``i`` repeated over the ``lengths[i]`` entries it belongs to."""
+    return np.repeat(np.asarray(values, np.float32), lengths)
 
 
 def _l2(v: np.ndarray) -> np.float32:
@@ -98,20 +112,20 @@ def _topk_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
     return np.sort(order[:k])
 
 
-# --- compressors ------------------------------------------------------------------------------
+# --- compressors: ``v`` holds the real entries, ``segments`` their lengths -----------------------
 
-def _identity(spec, v, nonce, name):
+def _identity(spec, v, segments, nonce, name):
     return {"values": v}
 
 
-def _fp16(spec, v, nonce, name):
+def _fp16(spec, v, segments, nonce, name):
     if not np.all(np.abs(v) < C.FP16_OVERFLOW):  # beyond it, rounding to float16 gives Inf
         raise ValueError(f"{name}: FP16 got NaN, Inf or magnitudes above {C.FP16_MAX} "
                          "(float16's largest finite value)")
     return {"values": v.astype(np.float16)}
 
 
-def _topk(spec, v, nonce, name):
+def _topk(spec, v, segments, nonce, name):
     _check_finite(np.sum(v, dtype=np.float64), spec, name)
     indices = _topk_indices(np.abs(v), C.topk_count(spec.ratio, v.size))
     return {"indices": indices, "values": v[indices]}
@@ -126,7 +140,7 @@ def _randk_scale(spec, numel):
     return np.float32(numel / max(C.topk_count(spec.ratio, numel), 1) if spec.unbiased else 1.0)
 
 
-def _randk(spec, v, nonce, name):
+def _randk(spec, v, segments, nonce, name):
     _check_finite(np.sum(v, dtype=np.float64), spec, name)
     key = stream_key(spec.seed, nonce)
     values = v[_randk_indices(spec, v.size, key)] * _randk_scale(spec, v.size)
@@ -141,9 +155,9 @@ def _sign_bits(spec, v):
     return bits | (zero & (np.arange(v.size) % 2 == 0))
 
 
-def _scaled_sign(spec, v, nonce, name):
+def _scaled_sign(spec, v, segments, nonce, name):
     scales = []
-    for block in _blocks(v, spec.block_size):
+    for block in _split(v, _cut(segments, spec.block_size)):
         if spec.scale == "l1":
             scales.append(np.float32(np.sum(np.abs(block), dtype=np.float64) / block.size))
         else:
@@ -153,30 +167,33 @@ def _scaled_sign(spec, v, nonce, name):
     return {"scales": scales, "signs": _sign_bits(spec, v)}
 
 
-def _qsgd(spec, v, nonce, name):
-    quantum = np.float32(np.sqrt(np.sum(v.astype(np.float64) ** 2)) / spec.levels)
-    _check_finite(quantum, spec, name)
-    ratio = np.abs(v) / quantum if quantum > 0 else np.zeros_like(v)
+def _qsgd(spec, v, segments, nonce, name):
+    quanta = np.array([np.float32(np.sqrt(np.sum(segment.astype(np.float64) ** 2)) / spec.levels)
+                       for segment in _split(v, segments)], dtype=np.float32)
+    _check_finite(quanta, spec, name)
+    quantum = _spread(quanta, segments)
+    ratio = np.abs(v) / np.where(quantum > 0, quantum, np.float32(1))
+    ratio[quantum == 0] = 0
     floor = np.floor(ratio)
     up = _uniform(v.size, stream_key(spec.seed, nonce)) < (ratio - floor)
     levels = np.minimum(floor + up, np.float32(spec.levels)).astype(np.int64)
-    return {"quantum": np.array([quantum]), "codes": (levels << 1) | (v < 0)}
+    return {"quantum": quanta, "codes": (levels << 1) | (v < 0)}
 
 
-def _ternary(spec, v, nonce, name):
-    blocks = _blocks(v, spec.block_size)
+def _ternary(spec, v, segments, nonce, name):
+    lengths = _cut(segments, spec.block_size)
+    blocks = _split(v, lengths)
     if spec.p == "inf":
         _check_finite(np.sum(v, dtype=np.float64), spec, name)
         norms = np.array([np.max(np.abs(b)) for b in blocks], dtype=np.float32)
     else:
         norms = np.array([_l2(b) for b in blocks], dtype=np.float32)
         _check_finite(norms, spec, name)
-    norm = _per_entry(norms, v.size, spec.block_size)
-    keep = _uniform(v.size, stream_key(spec.seed, nonce)) * norm < np.abs(v)
+    keep = _uniform(v.size, stream_key(spec.seed, nonce)) * _spread(norms, lengths) < np.abs(v)
     return {"norms": norms, "codes": np.where(keep, np.where(v < 0, 2, 1), 0)}
 
 
-def _natural(spec, v, nonce, name):
+def _natural(spec, v, segments, nonce, name):
     bits = v.view(np.int32).astype(np.int64) & 0xFFFFFFFF
     exponent = (bits >> 23) & 0xFF
     if np.any(exponent == 0xFF):
@@ -187,8 +204,8 @@ def _natural(spec, v, nonce, name):
     return {"codes": ((bits >> 31) << 8) | (exponent + up)}
 
 
-def _to_contractive(spec, v, nonce, name):
-    return _COMPRESS[type(spec.inner)](spec.inner, v, nonce, name)
+def _to_contractive(spec, v, segments, nonce, name):
+    return _COMPRESS[type(spec.inner)](spec.inner, v, segments, nonce, name)
 
 
 _COMPRESS = {C.Identity: _identity, C.FP16: _fp16, C.TopK: _topk, C.RandK: _randk,
@@ -196,25 +213,28 @@ _COMPRESS = {C.Identity: _identity, C.FP16: _fp16, C.TopK: _topk, C.RandK: _rand
              C.Natural: _natural, C.ToContractive: _to_contractive}
 
 
-def _decode(spec, sections, numel) -> np.ndarray:
+def _decode(spec, sections, segments) -> np.ndarray:
+    """The real entries (``sum(segments)``) of a payload's sections."""
+    real = sum(segments)
     if isinstance(spec, (C.Identity, C.FP16)):
         return sections["values"].astype(np.float32)
     if isinstance(spec, C.TopK):
-        out = np.zeros(numel, np.float32)
+        out = np.zeros(real, np.float32)
         out[sections["indices"]] = sections["values"]
         return out
     if isinstance(spec, C.RandK):
-        out = np.zeros(numel, np.float32)
-        out[_randk_indices(spec, numel, int(sections["key"][0]))] = sections["values"]
+        out = np.zeros(real, np.float32)
+        out[_randk_indices(spec, real, int(sections["key"][0]))] = sections["values"]
         return out
     if isinstance(spec, C.ScaledSign):
-        scale = _per_entry(sections["scales"], numel, spec.block_size)
+        scale = _spread(sections["scales"], _cut(segments, spec.block_size))
         return np.where(sections["signs"] == 1, scale, -scale).astype(np.float32)
     if isinstance(spec, C.QSGD):
-        magnitude = (sections["codes"] >> 1).astype(np.float32) * sections["quantum"][0]
+        quantum = _spread(sections["quantum"], segments)
+        magnitude = (sections["codes"] >> 1).astype(np.float32) * quantum
         return np.where(sections["codes"] & 1 == 1, -magnitude, magnitude)
     if isinstance(spec, C.Ternary):
-        norm = _per_entry(sections["norms"], numel, spec.block_size)
+        norm = _spread(sections["norms"], _cut(segments, spec.block_size))
         codes = sections["codes"]
         return np.where(codes == 1, norm, np.where(codes == 2, -norm, np.float32(0)))
     if isinstance(spec, C.Natural):
@@ -222,7 +242,9 @@ def _decode(spec, sections, numel) -> np.ndarray:
         magnitude = ((codes & 0xFF) << 23).astype(np.int32).view(np.float32)
         return np.where(codes >> 8 == 1, -magnitude, magnitude)
     if isinstance(spec, C.ToContractive):
-        return _decode(spec.inner, sections, numel) * np.float32(spec.scale(numel))
+        # Each segment by its own factor 1 / (omega + 1) (see ToContractive.segment_scales).
+        factor = _spread(spec.segment_scales(real, segments), segments)
+        return _decode(spec.inner, sections, segments) * factor
     raise TypeError(f"no reference codec for {spec!r}")
 
 
@@ -231,23 +253,34 @@ def _check_spec(spec) -> None:
         raise TypeError(f"expected a compressor spec from horovod_squeeze, got {spec!r}")
 
 
-def compress(spec: C.Compressor, x, *, nonce: int = 0, name: str = "tensor") -> np.ndarray:
+def compress(spec: C.Compressor, x, *, nonce: int = 0, name: str = "tensor",
+             segments=None) -> np.ndarray:
     """Compresses ``x`` (any float array, flattened in C order) into its uint8 wire payload.
 
     ``nonce`` selects the random stream of stochastic compressors (RandK's ranks must share it).
+    ``segments``: the lengths of the real segments (``None``: one, the whole array); the entries
+    past them are padding and do not travel.
     """
     _check_spec(spec)
     v = _flat_float32(x, name)
-    return pack(spec.layout(v.size), _COMPRESS[type(spec)](spec, v, nonce, name))
+    segments = C.segment_lengths(v.size, segments, name=name)
+    real = v[:sum(segments)]
+    return pack(spec.layout(v.size, segments),
+                _COMPRESS[type(spec)](spec, real, segments, nonce, name))
 
 
-def decompress(spec: C.Compressor, payload, numel: int, *, name: str = "payload") -> np.ndarray:
-    """Decodes a payload made by :func:`compress` into a flat float32 array of ``numel`` entries."""
+def decompress(spec: C.Compressor, payload, numel: int, *, name: str = "payload",
+               segments=None) -> np.ndarray:
+    """Decodes a payload made by :func:`compress` into a flat float32 array of ``numel`` entries
+    (the same ``segments``); padding decodes to 0."""
     _check_spec(spec)
     payload = np.asarray(payload)
-    layout = spec.layout(numel)
+    segments = C.segment_lengths(numel, segments, name=name)
+    layout = spec.layout(numel, segments)
     if payload.dtype != np.uint8 or payload.ndim != 1 or payload.size != layout.nbytes:
         raise ValueError(f"{name}: {type(spec).__name__} payload for {numel} entries must be a 1-D "
                          f"uint8 array of {layout.nbytes} bytes, got {payload.dtype} "
                          f"{payload.shape}")
-    return _decode(spec, unpack(layout, payload), numel)
+    out = np.zeros(numel, np.float32)
+    out[:sum(segments)] = _decode(spec, unpack(layout, payload), segments)
+    return out

@@ -5,11 +5,14 @@ Each algorithm's update is written from its paper in its own module beside this 
 workers. This module adds the exchanges' documented data layout, written independently of the
 exchange code it checks:
 
+- segments: the bucket is its tensors laid end to end (``sizes``); every compression is told the
+  real segments of its vector, so each tensor gets its own scales: the tensors' sizes, cut where a
+  shard boundary falls inside one, the padding in none.
 - ``sharded``: the bucket is zero-padded to ``n * shard`` entries (:func:`shard_numel`); shard j is a
-  segment of its own: worker i compresses its part of shard j with nonce ``(step, bucket, j, pass 1,
+  vector of its own: worker i compresses its part of shard j with nonce ``(step, bucket, j, pass 1,
   i)``, the owner j compresses the server's with ``(step, bucket, j, pass 2, 0)``. Padding carries
-  nothing: every decoded tensor is zeroed past the shard's real entries.
-- ``allgather``: one segment, the whole bucket; worker i's nonce ``(step, bucket, 0, pass 1, i)``.
+  nothing: it travels in no payload and decodes to 0.
+- ``allgather``: one vector, the whole bucket; worker i's nonce ``(step, bucket, 0, pass 1, i)``.
 - ``allreduce``: like ``allgather``, but every worker draws from rank 0's stream.
 
 State: ``{"worker": {name: [per rank]}, "server": {name: [per shard, or one copy]}}``; a worker
@@ -22,7 +25,7 @@ import importlib
 import numpy as np
 
 from horovod_squeeze import reference
-from horovod_squeeze.exchange import PASS1, PASS2, shard_numel, shard_valid_numel, stage_nonce
+from horovod_squeeze.exchange import PASS1, PASS2, shard_numel, stage_nonce
 
 __all__ = ["init_state", "simulate_step"]
 
@@ -39,33 +42,49 @@ def init_state(algorithm, exchange: str, numel: int, num_workers: int) -> dict:
     return {"worker": workers, "server": server}
 
 
+def _segments_within(sizes, first: int, last: int) -> tuple[int, ...]:
+    """How much of each tensor (laid end to end) lies in entries ``[first, last)``, where any."""
+    segments, start = [], 0
+    for size in sizes:
+        overlap = min(start + size, last) - max(start, first)
+        if overlap > 0:
+            segments.append(overlap)
+        start += size
+    return tuple(segments)
+
+
 def simulate_step(algorithm, exchange: str, gradients: list[np.ndarray], state: dict, *,
-                  step: int, bucket: int = 0) -> tuple[np.ndarray, dict]:
-    """One synchronous step: what every worker applies, and the new state."""
+                  step: int, bucket: int = 0, sizes=None) -> tuple[np.ndarray, dict]:
+    """One synchronous step: what every worker applies, and the new state.
+
+    ``sizes``: the entries of the bucket's tensors, in order (default: one tensor, the bucket).
+    """
     if exchange not in ("sharded", "allgather", "allreduce"):
         raise ValueError(f"unknown exchange {exchange!r}")
     update = importlib.import_module(
         f"horovod_squeeze.reference.{type(algorithm).__module__.rsplit('.', 1)[-1]}").step
     n, numel = len(gradients), gradients[0].size
+    sizes = [numel] if sizes is None else [int(size) for size in sizes]
+    if sum(sizes) != numel:
+        raise ValueError(f"tensor sizes {sizes} do not add up to the bucket's {numel} entries")
 
-    def codec(compressor, nonce, valid):
+    def codec(compressor, nonce, segments):
         def apply(v):
-            decoded = reference.decompress(compressor, reference.compress(compressor, v,
-                                                                          nonce=nonce), v.size)
-            decoded = decoded.copy()
-            decoded[valid:] = 0
-            return decoded
+            payload = reference.compress(compressor, v, nonce=nonce, segments=segments)
+            return reference.decompress(compressor, payload, v.size, segments=segments)
         return apply
 
     if exchange != "sharded":
         shared = exchange == "allreduce"
+        segments = _segments_within(sizes, 0, numel)
         workers = {k: list(v) for k, v in state["worker"].items()}
         server = {k: v[0] for k, v in state["server"].items()}
         output, new_workers, new_server = update(
             algorithm, [g.astype(np.float32) for g in gradients], workers, server,
             lambda i, v: codec(algorithm.worker,
-                               stage_nonce(step, bucket, 0, PASS1, 0 if shared else i), numel)(v),
-            codec(algorithm.server, stage_nonce(step, bucket, 0, PASS2, 0), numel))
+                               stage_nonce(step, bucket, 0, PASS1, 0 if shared else i),
+                               segments)(v),
+            codec(algorithm.server, stage_nonce(step, bucket, 0, PASS2, 0), segments))
         return output, {"worker": new_workers, "server": {k: [v] for k, v in new_server.items()}}
 
     shard = shard_numel(numel, n)
@@ -75,14 +94,14 @@ def simulate_step(algorithm, exchange: str, gradients: list[np.ndarray], state: 
     new_server = {k: [] for k in state["server"]}
     for owner in range(n):
         part = slice(owner * shard, (owner + 1) * shard)
-        valid = shard_valid_numel(numel, n, owner)
+        segments = _segments_within(sizes, part.start, part.stop)
         output, workers, server = update(
             algorithm, [p[part] for p in padded],
             {k: [w[part] for w in v] for k, v in state["worker"].items()},
             {k: v[owner] for k, v in state["server"].items()},
-            lambda i, v, owner=owner, valid=valid: codec(
-                algorithm.worker, stage_nonce(step, bucket, owner, PASS1, i), valid)(v),
-            codec(algorithm.server, stage_nonce(step, bucket, owner, PASS2, 0), valid))
+            lambda i, v, owner=owner, segments=segments: codec(
+                algorithm.worker, stage_nonce(step, bucket, owner, PASS1, i), segments)(v),
+            codec(algorithm.server, stage_nonce(step, bucket, owner, PASS2, 0), segments))
         outputs.append(output)
         for k, per_rank in workers.items():
             for i, value in enumerate(per_rank):

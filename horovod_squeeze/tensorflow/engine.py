@@ -39,19 +39,24 @@ class SqueezeEngine(tf.Module):
     becomes a variable that callbacks may move).
 
     Internal state: ``step``, and ``state[bucket][name]`` (``tf.Variable``\\ s, on ``device``) for
-    each of the algorithm's named state; ``snapshot`` (tracked, a string) holds every rank's state
+    each named state (``plan.state_specs()``: the worker momentum's, given ``momentum``, which starts
+    from ``momentum_source(name)`` when warm-up ends and is sent times ``momentum_scale(name)`` if
+    given, and the algorithm's); ``snapshot`` (tracked, a string) holds every rank's state
     serialized for checkpoints.
     """
 
     def __init__(self, algorithm: Algorithm, named_shapes, *, collectives=None, device=None,
-                 learning_rate=None, **options):
+                 learning_rate=None, momentum=None, momentum_source=None, momentum_scale=None,
+                 **options):
         super().__init__(name="squeeze_engine")
         comm = collectives if collectives is not None else HorovodCollectives()
-        plan = Plan(algorithm, named_shapes, comm.size, EngineOptions(**options), stacklevel=3)
+        plan = Plan(algorithm, named_shapes, comm.size, EngineOptions(**options),
+                    momentum=momentum, stacklevel=3)
         names = [name for name, _ in named_shapes]
         self._config = _Untracked(plan=plan, comm=comm, names=names,
                                   index={name: i for i, name in enumerate(names)},
-                                  learning_rate=learning_rate,
+                                  learning_rate=learning_rate, momentum_source=momentum_source,
+                                  momentum_scale=momentum_scale,
                                   prefix=comm.new_scope())
         with tf.init_scope(), tf.device(device):
             self._local = _Untracked(
@@ -77,6 +82,8 @@ class SqueezeEngine(tf.Module):
     step = property(lambda self: self._local.step)
     warmup_steps = property(lambda self: self._local.warmup_steps)
     state = property(lambda self: self._local.state)
+    #: Whether the last step ran the algorithm (and the worker momentum): a boolean variable.
+    last_compressed = property(lambda self: self._local.last_compressed)
 
     # --- the exchange -----------------------------------------------------------------------------
 
@@ -90,20 +97,22 @@ class SqueezeEngine(tf.Module):
         flats = {b.index: self._flat(b, grads) for b in cfg.plan.buckets}
         step = tf.identity(self._local.step)
         rate = None if cfg.learning_rate is None else cfg.learning_rate()
-        compressed = [b for b in cfg.plan.buckets if b.compressed]
+        # What changes after warm-up: compressed buckets, and every bucket with worker momentum.
+        switching = [b for b in cfg.plan.buckets
+                     if b.compressed or cfg.plan.momentum is not None]
         averaged = {b.index: self._run(b, flats[b.index], step, rate, warm=True)
-                    for b in cfg.plan.buckets if not b.compressed}
-        if compressed:
+                    for b in cfg.plan.buckets if b not in switching}
+        if switching:
             warm = step < self._local.warmup_steps
             run = lambda: [self._run(b, flats[b.index], step, rate, warm=False)  # noqa: E731
-                           for b in compressed]
+                           for b in switching]
             plain = lambda: [self._run(b, flats[b.index], step, rate, warm=True)  # noqa: E731
-                             for b in compressed]
+                             for b in switching]
             if tf.executing_eagerly():
                 results = plain() if bool(warm) else run()
             else:
                 results = tf.cond(warm, plain, run)
-            averaged.update(zip((b.index for b in compressed), results))
+            averaged.update(zip((b.index for b in switching), results))
             self._local.last_compressed.assign(tf.logical_not(warm))
         self._log(step)
         with tf.control_dependencies([tf.group(list(averaged.values()))]):
@@ -140,12 +149,31 @@ class SqueezeEngine(tf.Module):
     def _run(self, bucket, flat, step, rate, *, warm: bool) -> tf.Tensor:
         cfg = self._config
         state = self._local.state[bucket.index]
-        steps = cfg.plan.run(codecs.on(), bucket, flat, dict(state), step=step,
-                             rank=cfg.comm.rank, warm=warm, learning_rate=rate)
+        current = {name: variable.value() for name, variable in state.items()}
+        if cfg.plan.momentum is not None and not warm:
+            current["momentum"] = tf.where(step == self._local.warmup_steps,
+                                           self._momentum_start(bucket), current["momentum"])
+        scale = None
+        if cfg.plan.momentum is not None and not warm and cfg.momentum_scale is not None:
+            scale = tf.concat([tf.reshape(tf.cast(cfg.momentum_scale(name), tf.float32), [-1])
+                               for name in bucket.names], axis=0)
+        steps = cfg.plan.run(codecs.on(), bucket, flat, current, step=step,
+                             rank=cfg.comm.rank, warm=warm, learning_rate=rate,
+                             momentum_scale=scale)
         result = run_to_end(cfg.comm, steps, f"{cfg.prefix}.b{bucket.index}")
         for name, value in result.state.items():
             state[name].assign(value)
         return result.output
+
+    def _momentum_start(self, bucket) -> tf.Tensor:
+        """Where the worker momentum starts when warm-up ends: the optimizer's momentum."""
+        source = self._config.momentum_source
+        parts = []
+        for name, shape, start, stop in bucket.spans():
+            value = None if source is None else source(name)
+            parts.append(tf.zeros([stop - start]) if value is None
+                         else tf.reshape(tf.cast(value, tf.float32), [-1]))
+        return tf.concat(parts, axis=0)
 
     def _log(self, step) -> None:
         every = self._config.plan.options.log_every
@@ -170,7 +198,7 @@ class SqueezeEngine(tf.Module):
     def stats_of(self, compressed: bool, step: int = -1) -> StepStats:
         """Bytes this rank sends in a compressed (or warm-up) step: a function of the layout."""
         plan = self._config.plan
-        return StepStats(step, plan.step_bytes(warm=not compressed), plan.fp32_bytes)
+        return StepStats(step, plan.step_bytes(warm=not compressed, rank=self.comm.rank), plan.fp32_bytes)
 
     @property
     def last_stats(self) -> StepStats | None:

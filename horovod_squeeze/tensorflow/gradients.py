@@ -24,9 +24,14 @@ class SqueezeGradients:
     """``(grads, vars) -> averaged grads`` through a compressed exchange (Horovod's signature)."""
 
     def __init__(self, algorithm: Algorithm, *, op_is_sum: bool, gradient_predivide_factor: float,
-                 process_set, options: EngineOptions, on_build=None):
+                 process_set, options: EngineOptions, on_build=None, momentum=None,
+                 momentum_source=None, momentum_scale=None):
         self.algorithm = algorithm
         self.options = options
+        # Worker momentum (horovod_squeeze.momentum), and for each, variables -> (variable -> its
+        # tensor): where the momentum starts (the optimizer's), what it is sent times.
+        self.momentum = momentum
+        self.momentum_source, self.momentum_scale = momentum_source, momentum_scale
         self.collectives = HorovodCollectives(process_set)
         # Average is what the algorithms compute; Sum is the same times the number of ranks.
         self.prescale = 1.0 / gradient_predivide_factor
@@ -51,9 +56,17 @@ class SqueezeGradients:
         key = tuple(v.ref() for v in variables)
         if key not in self.engines:
             with tf.init_scope():  # variables and callbacks' actions run eagerly, once
-                engine = SqueezeEngine(self.algorithm, _named_shapes(variables),
-                                       collectives=self.collectives,
+                named = _named_shapes(variables)
+                by_name = {name: variable for (name, _), variable in zip(named, variables)}
+                sources = {}  # the engine's name-keyed callables, from the variable-keyed ones
+                for argument, factory in (("momentum_source", self.momentum_source),
+                                          ("momentum_scale", self.momentum_scale)):
+                    if factory is not None:
+                        of_variable = factory(variables)
+                        sources[argument] = lambda name, of=of_variable: of(by_name[name])
+                engine = SqueezeEngine(self.algorithm, named, collectives=self.collectives,
                                        device=variables[0].device if variables else None,
+                                       momentum=self.momentum, **sources,
                                        **dataclasses.asdict(self.options))
                 self.engines[key] = engine
                 self._compiled[key] = tf.function(engine.__call__, autograph=False)

@@ -89,11 +89,12 @@ class TorchOps(ArrayOps):
         return out.mul_(2).sub_(1).mul_(magnitude)
 
     def signed_bits(self, data, count, magnitude):
-        if magnitude.numel() != 1:
-            return super().signed_bits(data, count, magnitude)
-        # One magnitude: look each byte up in a table of its 8 signed values.
-        table = self._sign_table * magnitude.to(torch.float32)
-        return table.index_select(0, data.to(torch.int32)).reshape(-1)[:count]
+        # Look each byte up in a table of its 8 signs (one magnitude: already scaled by it); a
+        # magnitude per entry (per-tensor scales) multiplies the +-1 afterwards, exactly.
+        one = magnitude.numel() == 1
+        table = self._sign_table * magnitude.to(torch.float32) if one else self._sign_table
+        signs = table.index_select(0, data.to(torch.int32)).reshape(-1)[:count]
+        return signs if one else signs.mul_(magnitude)
 
     def max(self, x, axis=None):
         return x.amax() if axis is None else x.amax(dim=axis)

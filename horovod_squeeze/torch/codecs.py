@@ -33,14 +33,18 @@ def on(device=None) -> Codec:
     return _codecs[device]
 
 
-def compress(spec, x: torch.Tensor, *, nonce: int = 0, name: str = "tensor") -> torch.Tensor:
-    """``x`` as its uint8 wire payload, on ``x``'s device."""
-    return on(_device(x, name)).compress(spec, x, nonce=nonce, name=name)
+def compress(spec, x: torch.Tensor, *, nonce: int = 0, name: str = "tensor",
+             segments=None) -> torch.Tensor:
+    """``x`` as its uint8 wire payload, on ``x``'s device (``segments``: the lengths of its real
+    segments; ``None``: one, the whole tensor)."""
+    return on(_device(x, name)).compress(spec, x, nonce=nonce, name=name, segments=segments)
 
 
-def decompress(spec, payload: torch.Tensor, numel: int, *, name: str = "payload") -> torch.Tensor:
+def decompress(spec, payload: torch.Tensor, numel: int, *, name: str = "payload",
+               segments=None) -> torch.Tensor:
     """A payload back to a flat float32 tensor of ``numel`` entries, on the payload's device."""
-    return on(_device(payload, name)).decompress(spec, payload, numel, name=name)
+    return on(_device(payload, name)).decompress(spec, payload, numel, name=name,
+                                                 segments=segments)
 
 
 def _device(x, name: str) -> torch.device:

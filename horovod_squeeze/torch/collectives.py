@@ -14,11 +14,17 @@ class HorovodCollectives(ProcessSetCollectives):
 
         super().__init__(hvd, process_set)
 
-    def alltoall(self, tensor: torch.Tensor, name: str):
-        """Equal split along dim 0: piece j goes to rank j; returns rank-ordered received pieces."""
-        return self._hvd.alltoall_async(tensor, name=name, process_set=self.process_set)
+    def alltoall(self, tensor: torch.Tensor, name: str, splits=None):
+        """Piece j (``splits[j]`` entries, or an equal split) goes to rank j; returns the
+        rank-ordered received pieces."""
+        if splits is not None:
+            splits = torch.tensor(splits, dtype=torch.int32)  # Horovod reads splits on the CPU
+        return self._hvd.alltoall_async(tensor, splits=splits, name=name,
+                                        process_set=self.process_set)
 
-    def allgather(self, tensor: torch.Tensor, name: str):
+    def allgather(self, tensor: torch.Tensor, name: str, splits=None):
+        """Every rank's tensor, concatenated in rank order (Horovod gathers pieces of different
+        lengths by itself: ``splits`` only describes them)."""
         return self._hvd.allgather_async(tensor, name=name, process_set=self.process_set)
 
     def allreduce_average(self, tensor: torch.Tensor, name: str):

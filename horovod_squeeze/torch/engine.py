@@ -30,20 +30,30 @@ class SqueezeEngine:
     Tune these: the options of :class:`~horovod_squeeze.plan.EngineOptions`.
 
     Internal state: ``step`` (drives warm-up and the random streams) and ``state[bucket][name]``,
-    this rank's tensors of each of the algorithm's named state (``algorithm.state()``), created on
-    ``device`` and moved to the gradients' device if they arrive elsewhere.
+    this rank's tensors of each named state (``plan.state_specs()``: the worker momentum's, given
+    ``momentum``, and the algorithm's), created on ``device`` and moved to the gradients' device if
+    they arrive elsewhere. Residuals in gradient units are rescaled by ``old / new`` when the
+    ``learning_rate`` callable's value changes between steps.
 
     Statistics: ``last_stats`` (bytes and timings of the last step), :meth:`state_norms`.
     Checkpoints: :mod:`horovod_squeeze.torch.state`.
     """
 
     def __init__(self, algorithm: Algorithm, named_shapes, *, collectives, device=None,
-                 learning_rate=None, **options):
+                 learning_rate=None, momentum=None, momentum_source=None, momentum_scale=None,
+                 **options):
         self.plan = Plan(algorithm, named_shapes, collectives.size, EngineOptions(**options),
-                         stacklevel=3)
+                         momentum=momentum, stacklevel=3)
         self.comm = collectives
         self._scope = collectives.new_scope()
         self.learning_rate = learning_rate  # a callable giving the optimizer's, or None
+        # name -> the wrapped optimizer's momentum (or None): where the worker momentum starts
+        # when warm-up ends.
+        self.momentum_source = momentum_source
+        # name -> what the worker momentum is multiplied by before it is sent (Adam's frozen
+        # preconditioner), or None.
+        self.momentum_scale = momentum_scale
+        self.last_rate = None  # the learning rate of the last step (what residuals are in)
         self.step = 0
         device = torch.device("cpu" if device is None else device)
         self.state = {b.index: {name: torch.zeros(numel, device=device)
@@ -78,17 +88,54 @@ class SqueezeEngine:
             self.finish()
         return self._results.pop(name)
 
+    @property
+    def compressing(self) -> bool:
+        """Whether this step runs the algorithm (and the worker momentum): warm-up is over."""
+        return self.step >= self.plan.options.warmup_steps
+
+    def _begin_step(self) -> None:
+        """Rescales residuals in gradient units when the learning rate changed since the last
+        step, so ``lr * residual`` (what they will move the model by) stays the same."""
+        if self.learning_rate is None or not self.plan.gradient_state():
+            return
+        rate = self.learning_rate()
+        if rate <= 0:  # nothing moves the model now; rescale against the last positive rate
+            return
+        if self.last_rate is not None and rate != self.last_rate:
+            self.scale_state_(self.last_rate / rate)
+        self.last_rate = rate
+
+    def _start_momentum(self, bucket, state: dict) -> None:
+        """At the first step after warm-up, the worker momentum takes over the optimizer's."""
+        parts = []
+        for name, shape, _, _ in bucket.spans():
+            source = None if self.momentum_source is None else self.momentum_source(name)
+            parts.append(torch.zeros(shape, device=state["momentum"].device) if source is None
+                         else source.detach().to(state["momentum"].device, torch.float32))
+        state["momentum"].copy_(torch.cat([p.reshape(-1) for p in parts]))
+
+    def _momentum_scale(self, bucket, device: torch.device) -> torch.Tensor | None:
+        if self.plan.momentum is None or self.momentum_scale is None:
+            return None
+        return torch.cat([self.momentum_scale(name).detach().reshape(-1).to(device, torch.float32)
+                          for name in bucket.names])
+
     def _launch(self, bucket) -> None:
+        if not self._flights:
+            self._begin_step()
         grads = self._grads[bucket.index]
         self._dtypes.update({name: grads[name].dtype for name in bucket.names})
         flat = torch.cat([grads[name].detach().reshape(-1).to(torch.float32)
                           for name in bucket.names])
         self._grads[bucket.index] = {}
         state = self._state_on(bucket, flat.device)
+        if self.plan.momentum is not None and self.step == self.plan.options.warmup_steps:
+            self._start_momentum(bucket, state)
         rate = None if self.learning_rate is None else self.learning_rate()
+        scale = self._momentum_scale(bucket, flat.device) if self.compressing else None
         steps = self.plan.run(codecs.on(flat.device), bucket, flat, state, step=self.step,
-                              rank=self.comm.rank, warm=self.step < self.plan.options.warmup_steps,
-                              learning_rate=rate)
+                              rank=self.comm.rank, warm=not self.compressing, learning_rate=rate,
+                              momentum_scale=scale)
         self._flights.append((bucket, InFlight(self.comm, steps, f"{self._scope}.b{bucket.index}")))
 
     def _state_on(self, bucket, device: torch.device) -> dict:
@@ -118,8 +165,8 @@ class SqueezeEngine:
 
     def _end_step(self, timing) -> None:
         warm = self.step < self.plan.options.warmup_steps
-        self.last_stats = StepStats(self.step, self.plan.step_bytes(warm), self.plan.fp32_bytes,
-                                    *timing)
+        self.last_stats = StepStats(self.step, self.plan.step_bytes(warm, self.comm.rank),
+                                    self.plan.fp32_bytes, *timing)
         every = self.plan.options.log_every
         if every and self.comm.rank == 0 and (self.step + 1) % every == 0:
             logger.info("%s", self.last_stats.summary())

@@ -16,8 +16,12 @@ from horovod.torch.optimizer import _DistributedOptimizer
 
 from horovod_squeeze.algorithms import MODEL_INCREMENT, Algorithm
 from horovod_squeeze.compressors import Compressor
+from horovod_squeeze.momentum import (
+    WorkerMomentum, adam_scale, frozen_adam_update, warmup_steps_for,
+)
 from horovod_squeeze.plan import EngineOptions, check_algorithm
 from horovod_squeeze.torch.collectives import HorovodCollectives
+from horovod_squeeze.torch import codecs
 from horovod_squeeze.torch import state as squeeze_state
 from horovod_squeeze.torch.engine import SqueezeEngine, StepStats
 
@@ -26,17 +30,24 @@ __all__ = ["DistributedOptimizer"]
 
 class _SqueezeOptimizer(_DistributedOptimizer):
     def __init__(self, params, named_parameters, algorithm, backward_passes_per_step, op,
-                 gradient_predivide_factor, process_set, engine_options):
+                 gradient_predivide_factor, process_set, engine_options, momentum_kind):
         _DistributedOptimizer.__init__(self, params, named_parameters, Compression.none,
                                        backward_passes_per_step=backward_passes_per_step, op=op,
                                        gradient_predivide_factor=gradient_predivide_factor,
                                        process_set=process_set)
         trained = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        self._squeeze_momentum_kind = momentum_kind  # None, "sgd" or "adam"
+        self._squeeze_group_of = {p: group for group in self.param_groups for p in group["params"]}
+        self._squeeze_parameter = {self._parameter_names[p]: p for p in trained}
         self._squeeze = SqueezeEngine(
             algorithm, [(self._parameter_names[p], p.shape) for p in trained],
             collectives=HorovodCollectives(process_set),
             device=trained[0].device if trained else None,
-            learning_rate=self._squeeze_learning_rate, **engine_options)
+            learning_rate=self._squeeze_learning_rate,
+            momentum=_worker_momentum(self.param_groups, momentum_kind),
+            momentum_source=self._squeeze_momentum_source,
+            momentum_scale=self._squeeze_adam_scale if momentum_kind == "adam" else None,
+            **engine_options)
         # Average is what the algorithms compute; Sum is the same times the number of ranks.
         self._squeeze_postscale = gradient_predivide_factor * (
             process_set.size() if op == hvd.Sum else 1.0)
@@ -51,6 +62,8 @@ class _SqueezeOptimizer(_DistributedOptimizer):
                              "use dense gradients (e.g. sparse=False in torch.nn.Embedding)")
         name = self._parameter_names[p]
         grad = p.grad if self._squeeze_prescale == 1.0 else p.grad * self._squeeze_prescale
+        if self._squeeze_worker_momentum_now():
+            grad = self._squeeze_with_l2(p, grad)
         self._squeeze.submit(name, grad)
         return self._squeeze_result(name), None
 
@@ -59,23 +72,96 @@ class _SqueezeOptimizer(_DistributedOptimizer):
         if len(rates) > 1 and self._squeeze.algorithm.output == MODEL_INCREMENT:
             raise ValueError(f"{self._squeeze.algorithm!r} updates the model with one learning "
                              f"rate; the parameter groups have {sorted(rates)}")
-        return float(next(iter(rates)))
+        return float(self.param_groups[0]["lr"])
+
+    # --- worker momentum (see horovod_squeeze.momentum) --------------------------------------------
+
+    def _squeeze_worker_momentum_now(self) -> bool:
+        return self._squeeze.plan.momentum is not None and self._squeeze.compressing
+
+    def _squeeze_with_l2(self, p, grad):
+        """The gradient plus SGD's or Adam's L2 term ``wd * p``, which the optimizer adds before
+        its momentum (so here, before the worker momentum). AdamW decays the weights instead."""
+        group = self._squeeze_group_of[p]
+        decoupled = self._squeeze_momentum_kind == "adam" and group["decoupled_weight_decay"]
+        if not group["weight_decay"] or decoupled:
+            return grad
+        return grad + group["weight_decay"] * p.detach()
+
+    def _squeeze_momentum_source(self, name):
+        """The wrapped optimizer's momentum of ``name`` when warm-up ends (None: none yet)."""
+        state = self.state.get(self._squeeze_parameter[name], {})
+        if self._squeeze_momentum_kind == "adam":
+            if "exp_avg_sq" not in state:
+                raise RuntimeError(
+                    f"{name}: Adam's variance is frozen when warm-up ends, but this parameter had "
+                    "no gradient during the warm-up steps; raise warmup_steps")
+            return state["exp_avg"]
+        return state.get("momentum_buffer")
+
+    def _squeeze_adam_scale(self, name):
+        """Adam's preconditioner of ``name`` with the variance frozen when warm-up ended."""
+        p = self._squeeze_parameter[name]
+        state, group = self.state[p], self._squeeze_group_of[p]
+        variance_step = state.setdefault("variance_frozen_at", int(state["step"]))
+        if variance_step < 1:
+            raise RuntimeError(f"{name}: Adam's variance is frozen after the exact warm-up "
+                               "steps, and none ran")
+        return adam_scale(codecs.on(p.device).xp, state["exp_avg_sq"],
+                          variance_step=variance_step, beta2=group["betas"][1], eps=group["eps"])
 
     def step(self, closure=None):
-        """As Horovod's; an algorithm whose output is a model increment adds it to the parameters
-        instead of running the wrapped optimizer's step."""
-        if self._squeeze.algorithm.output != MODEL_INCREMENT:
+        """As Horovod's, with three exceptions: an algorithm whose output is a model increment
+        adds it to the parameters instead of running the wrapped optimizer's step; with worker
+        momentum, SGD steps with its own momentum and L2 term off (the exchange carried them) and
+        Adam takes the frozen-variance step of :func:`horovod_squeeze.momentum.frozen_adam_update`
+        on the exchanged direction."""
+        output = self._squeeze.algorithm.output
+        worker_momentum = self._squeeze_worker_momentum_now()
+        if output != MODEL_INCREMENT and not worker_momentum:
             return _DistributedOptimizer.step(self, closure)
         loss = closure() if closure is not None else None
         if self._should_synchronize:
             self.synchronize()
         self._synchronized = False
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.add_(p.grad)
+        if output == MODEL_INCREMENT:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.add_(p.grad)
+        elif self._squeeze_momentum_kind == "sgd":
+            self._squeeze_sgd_step()
+        else:
+            self._squeeze_adam_step()
         return loss
+
+    def _squeeze_sgd_step(self):
+        """``p -= lr * averaged momentum``: the wrapped SGD's step with its momentum and L2 off."""
+        saved = [(group["momentum"], group["nesterov"], group["weight_decay"])
+                 for group in self.param_groups]
+        for group in self.param_groups:
+            group.update(momentum=0.0, nesterov=False, weight_decay=0.0)
+        try:
+            super(self.__class__, self).step()
+        finally:
+            for group, (momentum, nesterov, weight_decay) in zip(self.param_groups, saved):
+                group.update(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+    @torch.no_grad()
+    def _squeeze_adam_step(self):
+        """Adam's step on the exchanged direction (see horovod_squeeze.momentum); ``exp_avg`` keeps
+        the value it had when warm-up ended: the moments live in the engine's worker state."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["step"] += 1
+                p.copy_(frozen_adam_update(
+                    p, p.grad, step=int(state["step"]), learning_rate=group["lr"],
+                    beta1=group["betas"][0], weight_decay=group["weight_decay"],
+                    decoupled=group["decoupled_weight_decay"]))
 
     def _squeeze_result(self, name):
         def handle():
@@ -111,12 +197,51 @@ class _SqueezeOptimizer(_DistributedOptimizer):
             squeeze_state.restore(self._squeeze, squeeze)
 
 
+def _momentum_kind(optimizer, algorithm: Algorithm, worker_momentum: bool) -> str | None:
+    """Which worker momentum the wrapped optimizer gets: "sgd", "adam" or None."""
+    if not worker_momentum or algorithm.output == MODEL_INCREMENT:
+        return None
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd" if any(group["momentum"] for group in optimizer.param_groups) else None
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW too
+        return "adam"
+    return None
+
+
+def _one(param_groups, key: str, kind: str):
+    values = {group[key] for group in param_groups}
+    if len(values) > 1:
+        raise ValueError(f"worker momentum needs one {key} for every parameter group, got "
+                         f"{sorted(values)}; pass worker_momentum=False to keep the {kind} "
+                         "optimizer's own momentum")
+    return values.pop()
+
+
+def _worker_momentum(param_groups, kind: str | None) -> WorkerMomentum | None:
+    if kind is None:
+        return None
+    if _one(param_groups, "maximize", kind):
+        raise ValueError("worker momentum does not support maximize=True; pass "
+                         "worker_momentum=False")
+    if kind == "adam":
+        if _one(param_groups, "amsgrad", kind):
+            raise ValueError("worker momentum does not support Adam's amsgrad (its maximum of "
+                             "variances is not frozen); pass worker_momentum=False")
+        beta1 = _one(param_groups, "betas", kind)[0]
+        return WorkerMomentum(beta1, dampening=beta1)
+    if _one(param_groups, "dampening", kind):
+        raise ValueError("worker momentum does not support SGD's dampening; pass "
+                         "worker_momentum=False")
+    return WorkerMomentum(_one(param_groups, "momentum", kind),
+                          nesterov=_one(param_groups, "nesterov", kind))
+
+
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None,
                          compression=Compression.none, backward_passes_per_step: int = 1,
                          op=hvd.Average, gradient_predivide_factor: float = 1.0,
                          process_set=hvd.global_process_set, *, exchange="sharded",
-                         bucket_cap_mb=25.0, min_compress_numel=1024, warmup_steps=0,
-                         log_every=0):
+                         bucket_cap_mb=25.0, min_compress_numel=1024, warmup_steps=None,
+                         log_every=0, worker_momentum=True):
     """Wraps ``optimizer`` so gradients are averaged through a compressed, error-compensated exchange.
 
     Arguments are Horovod's (``horovod.torch.DistributedOptimizer``), except:
@@ -127,6 +252,14 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
         ``Compression.none`` / ``Compression.fp16`` give Horovod's optimizer unchanged.
       exchange, bucket_cap_mb, min_compress_numel, warmup_steps, log_every: see
         :class:`horovod_squeeze.plan.EngineOptions` (logs go to the ``horovod_squeeze`` logger).
+        ``warmup_steps`` defaults to 0, or for Adam to
+        :data:`horovod_squeeze.momentum.ADAM_WARMUP_STEPS` (100) exact steps.
+      worker_momentum: with ``torch.optim.SGD`` (momentum > 0, Nesterov included) or
+        ``Adam``/``AdamW``, after warm-up each worker applies the momentum (Adam's first moment)
+        *before* compression, the exchanged momentum is what the optimizer applies, and its own
+        momentum is off; Adam's variance is frozen at the end of warm-up (the 1-bit Adam scheme).
+        Same hyperparameters as fp32 training. ``False`` applies the optimizer's momentum to the
+        averaged gradient instead. See :mod:`horovod_squeeze.momentum`.
 
     The algorithm's state lives on the parameters' device (CUDA tensors ride Horovod's NCCL path).
 
@@ -143,9 +276,11 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
             compression=hs.DoubleSqueeze(hs.ScaledSign()))
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
-    ``state_dict()`` gathers every rank's algorithm state (call it on all ranks, as
-    ``hvd.broadcast_optimizer_state`` does); ``load_state_dict`` restores it exactly at the same
-    world size and redistributes it, sums preserved, at another.
+    ``state_dict()`` gathers every rank's algorithm state and worker momentum (call it on all
+    ranks, as ``hvd.broadcast_optimizer_state`` does); ``load_state_dict`` restores it exactly at
+    the same world size and redistributes it, sums preserved, at another. When the learning rate
+    changes (a scheduler), residuals in gradient units are rescaled by ``old / new`` before the
+    next exchange, so what they will move the model by stays the same.
     """
     if isinstance(compression, Compressor):
         check_algorithm(compression)
@@ -161,9 +296,11 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
         raise ValueError("backward_passes_per_step must be > 0")
     if gradient_predivide_factor != 1.0 and op != hvd.Average:
         raise ValueError("gradient_predivide_factor not supported with op != Average")
+    kind = _momentum_kind(optimizer, compression, worker_momentum)
+    warmup_steps = warmup_steps_for(kind, warmup_steps)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                {**_DistributedOptimizer.__dict__, **_SqueezeOptimizer.__dict__})
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
                gradient_predivide_factor, process_set,
                vars(EngineOptions(exchange, bucket_cap_mb, min_compress_numel, warmup_steps,
-                                  log_every)))
+                                  log_every)), kind)

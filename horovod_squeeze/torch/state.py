@@ -29,7 +29,7 @@ def gather(engine) -> dict:
     gathered = run_to_end(engine.comm, checkpoint.gather(engine.plan, codecs.on(device),
                                                          engine.state), f"{engine._scope}.state")
     numpy = {i: {n: t.cpu().numpy() for n, t in s.items()} for i, s in gathered.items()}
-    saved = checkpoint.to_checkpoint(engine.plan, numpy, engine.step)
+    saved = checkpoint.to_checkpoint(engine.plan, numpy, engine.step, engine.last_rate)
     for entry in saved["state"].values():
         entry["tensors"] = {n: torch.from_numpy(a) for n, a in entry["tensors"].items()}
     return saved
@@ -48,4 +48,5 @@ def restore(engine, saved: dict) -> bool:
             live = engine.state[index][name]
             live.copy_(torch.from_numpy(array).to(live.device))
     engine.step = step
+    engine.last_rate = saved.get("learning_rate")
     return True

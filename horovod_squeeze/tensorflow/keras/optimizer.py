@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import horovod.tensorflow as hvd
 import horovod.tensorflow.keras as hvd_keras
+import tensorflow as tf
 from horovod.tensorflow.compression import Compression
 
 from horovod_squeeze.algorithms import Algorithm
 from horovod_squeeze.compressors import Compressor
+from horovod_squeeze.momentum import (
+    WorkerMomentum, adam_scale, frozen_adam_update, warmup_steps_for,
+)
 from horovod_squeeze.plan import EngineOptions, check_algorithm
 from horovod_squeeze.telemetry import StepStats
+from horovod_squeeze.tensorflow import codecs
 from horovod_squeeze.tensorflow.gradients import SqueezeGradients
 from horovod_squeeze.tensorflow.tape import _check_horovod_options
 
@@ -45,6 +50,60 @@ class _SqueezeOptimizer:
         engine = self._squeeze.engine
         return {} if engine is None else engine.state_norms()
 
+    def update_step(self, gradient, variable):
+        """The wrapped optimizer's step; after warm-up with worker momentum, SGD's step without
+        its momentum (the exchange carried it) or Adam's frozen-variance step
+        (:func:`horovod_squeeze.momentum.frozen_adam_update`)."""
+        original = super(type(self), self).update_step
+        engine = self._squeeze.engine
+        if self._squeeze_momentum_kind is None or engine is None:
+            return original(gradient, variable)
+
+        def momentum_step():
+            lr = tf.cast(self.learning_rate, variable.dtype)
+            if self._squeeze_momentum_kind == "sgd":
+                variable.assign_add(-gradient * lr)
+                return
+            variable.assign(frozen_adam_update(
+                variable, gradient, step=tf.cast(self.iterations + 1, variable.dtype),
+                learning_rate=lr, beta1=self.beta_1))
+
+        if tf.executing_eagerly():
+            if bool(engine.last_compressed):
+                return momentum_step()
+            return original(gradient, variable)
+
+        def branch(step):
+            def run():
+                step()
+                return tf.constant(True)
+            return run
+
+        tf.cond(engine.last_compressed, branch(momentum_step),
+                branch(lambda: original(gradient, variable)))
+
+
+def _momentum_kind(optimizer, worker_momentum: bool) -> str | None:
+    """Which worker momentum the wrapped optimizer gets: "sgd", "adam" or None."""
+    if not worker_momentum:
+        return None
+    if isinstance(optimizer, tf.keras.optimizers.SGD):
+        return "sgd" if optimizer.momentum else None
+    if isinstance(optimizer, (tf.keras.optimizers.Adam, tf.keras.optimizers.AdamW)):
+        return "adam"
+    return None
+
+
+def _worker_momentum(optimizer, kind: str | None) -> WorkerMomentum | None:
+    if kind is None:
+        return None
+    if kind == "adam":
+        if optimizer.amsgrad:
+            raise ValueError("worker momentum does not support Adam's amsgrad (its maximum of "
+                             "variances is not frozen); pass worker_momentum=False")
+        return WorkerMomentum(optimizer.beta_1, dampening=optimizer.beta_1)
+    return WorkerMomentum(optimizer.momentum, nesterov=optimizer.nesterov)
+
 
 def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse="",
                          compression=Compression.none, sparse_as_dense=False,
@@ -52,13 +111,20 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
                          backward_passes_per_step=1, average_aggregated_gradients=False,
                          num_groups=0, groups=None, process_set=hvd.global_process_set,
                          scale_local_gradients=True, *, exchange="sharded", bucket_cap_mb=25.0,
-                         min_compress_numel=1024, warmup_steps=0, log_every=0):
+                         min_compress_numel=1024, warmup_steps=None, log_every=0,
+                         worker_momentum=True):
     """Wraps a ``tf_keras`` optimizer so gradients average through a compressed exchange.
 
     Arguments are Horovod's (``horovod.tensorflow.keras.DistributedOptimizer``), except
     ``compression``, an algorithm such as ``hs.DoubleSqueeze(hs.ScaledSign())`` (Horovod's own
-    compressions give Horovod's optimizer unchanged), and the engine options of
-    :func:`horovod_squeeze.tensorflow.DistributedGradientTape`.
+    compressions give Horovod's optimizer unchanged), the engine options of
+    :func:`horovod_squeeze.tensorflow.DistributedGradientTape` (``warmup_steps`` defaults to 0, or
+    to 100 exact steps for Adam), and ``worker_momentum``, as in
+    :func:`horovod_squeeze.torch.DistributedOptimizer`: with ``SGD`` (momentum > 0, Nesterov
+    included), ``Adam`` or ``AdamW``, each worker's momentum (Adam's first moment) is what is
+    compressed after warm-up, and Adam's variance is frozen when warm-up ends. Keras keeps SGD's
+    velocity with the learning rate inside; the worker momentum starts from it divided by the
+    current rate, and is in gradient units, as PyTorch's.
 
     Example (run with ``TF_USE_LEGACY_KERAS=1``)::
 
@@ -88,15 +154,43 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
     if not compressed:
         return distributed
 
+    kind = _momentum_kind(optimizer, worker_momentum)
+    warmup_steps = warmup_steps_for(kind, warmup_steps)
+
     def track(engine):  # a tracked attribute: the engine's snapshot is saved with the optimizer
         distributed._squeeze_engine = engine
+
+    def momentum_source(variables):
+        distributed.build(variables)  # the slots exist before the first step
+
+        def source(variable):
+            index = distributed._index_dict[distributed._var_key(variable)]
+            if kind == "adam":
+                return distributed._momentums[index]
+            # Keras keeps SGD's velocity as -lr * momentum.
+            return -distributed.momentums[index] / tf.cast(distributed.learning_rate, tf.float32)
+        return source
+
+    def momentum_scale(variables):  # Adam's preconditioner; T0 is the last warm-up step
+        distributed.build(variables)
+
+        def scale(variable):
+            index = distributed._index_dict[distributed._var_key(variable)]
+            engine = distributed._squeeze.engine
+            return adam_scale(codecs.on().xp, distributed._velocities[index],
+                              variance_step=tf.cast(engine.warmup_steps, tf.float32),
+                              beta2=distributed.beta_2, eps=distributed.epsilon)
+        return scale
 
     squeeze = SqueezeGradients(
         compression, op_is_sum=op == hvd.Sum, gradient_predivide_factor=gradient_predivide_factor,
         process_set=process_set,
         options=EngineOptions(exchange, bucket_cap_mb, min_compress_numel, warmup_steps,
                               log_every),
-        on_build=track)
+        on_build=track, momentum=_worker_momentum(optimizer, kind),
+        momentum_source=momentum_source if kind else None,
+        momentum_scale=momentum_scale if kind == "adam" else None)
+    distributed._squeeze_momentum_kind = kind
     distributed._squeeze = squeeze
     distributed._allreduce_grads = squeeze
     helper = distributed._agg_helper
