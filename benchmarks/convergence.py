@@ -75,8 +75,16 @@ def run(example, contender_args, seed, epochs, num_proc):
                    "--epochs", str(epochs), "--json", str(out), *contender_args]
         env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
                "OMP_NUM_THREADS": "1"}
-        subprocess.run(command, check=True, env=env, capture_output=True, cwd=ROOT)
-        return json.loads(out.read_text())
+        for attempt in (1, 2):  # one retry: a run of 4 ranks on 2 cores can lose its launcher
+            done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+            if done.returncode == 0:
+                return {**json.loads(out.read_text()), "attempts": attempt}
+            print(f"run failed (attempt {attempt}): {' '.join(command)}\n{done.stderr[-2000:]}",
+                  file=sys.stderr)
+        # Recorded, not fatal: a contender that diverges (NaN gradients are refused) is a result.
+        errors = [line for line in done.stderr.splitlines() if "Error" in line]
+        return {"accuracy": None, "failed": errors[0] if errors else done.stderr[-300:],
+                "seed": seed, "attempts": 2}
 
 
 def main():
@@ -108,10 +116,12 @@ def main():
     summary = {}
     for name in (CONTENDERS[short][0] for short in chosen):
         mine = [r for r in runs if r["contender"] == name]
-        summary[name] = {"mean_accuracy": statistics.mean(r["accuracy"] for r in mine),
+        done = [r for r in mine if r["accuracy"] is not None]
+        summary[name] = {"mean_accuracy": statistics.mean(r["accuracy"] for r in done),
                          "accuracies": [r["accuracy"] for r in mine],
-                         "bytes_sent_per_step": mine[0]["bytes_sent_per_step"],
-                         "fp32_allreduce_bytes_per_step": mine[0]["fp32_allreduce_bytes_per_step"]}
+                         "failed_seeds": [r["seed"] for r in mine if r["accuracy"] is None],
+                         "bytes_sent_per_step": done[0]["bytes_sent_per_step"],
+                         "fp32_allreduce_bytes_per_step": done[0]["fp32_allreduce_bytes_per_step"]}
     baseline = summary["fp32 allreduce"]["mean_accuracy"]
     print(f"{'contender':<42} {'accuracy (mean)':>16} {'vs fp32 (points)':>17} {'bytes/step':>11} "
           f"{'fewer bytes':>12}")
