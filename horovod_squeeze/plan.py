@@ -10,7 +10,7 @@ import dataclasses
 import math
 
 from horovod_squeeze.algorithms.base import (
-    AVERAGED_GRADIENT, GRADIENT, MOMENT, SERVER, Algorithm, StateSpec,
+    AVERAGED_GRADIENT, GRADIENT, SERVER, Algorithm, StateSpec,
 )
 from horovod_squeeze.buckets import Bucket, make_buckets
 from horovod_squeeze.compressors import Compressor
@@ -98,9 +98,10 @@ class Plan:
 
     def state_layout(self, bucket: Bucket) -> dict[str, int]:
         """This rank's state tensors of ``bucket``: name -> length."""
+        momentum = self.momentum.state() if self.momentum is not None else ()
         layout = {}
         for spec in self.state_specs(bucket):
-            if spec.units == MOMENT:  # applied to the whole bucket before the exchange
+            if spec in momentum:  # applied to the whole bucket before the exchange
                 layout[spec.name] = bucket.numel
             else:
                 layout[spec.name] = bucket.exchange.state_numel(spec.placement, bucket.numel,
@@ -110,8 +111,7 @@ class Plan:
     def state_span(self, bucket: Bucket, spec: StateSpec, rank: int) -> tuple[int, int]:
         """Where this rank's ``spec`` tensor of ``bucket`` sits in the bucket: ``(start, stop)``,
         covering the tensor's first ``stop - start`` entries (the rest is padding)."""
-        if spec.placement == SERVER and isinstance(bucket.exchange, Sharded) \
-                and spec.units != MOMENT:
+        if spec.placement == SERVER and isinstance(bucket.exchange, Sharded):
             shard = shard_numel(bucket.numel, self.size)
             start = min(rank * shard, bucket.numel)
             return start, min(start + shard, bucket.numel)

@@ -150,13 +150,15 @@ class SqueezeEngine(tf.Module):
         cfg = self._config
         state = self._local.state[bucket.index]
         current = {name: variable.value() for name, variable in state.items()}
-        if cfg.plan.momentum is not None and not warm:
-            current["momentum"] = tf.where(step == self._local.warmup_steps,
-                                           self._momentum_start(bucket), current["momentum"])
         scale = None
-        if cfg.plan.momentum is not None and not warm and cfg.momentum_scale is not None:
-            scale = tf.concat([tf.reshape(tf.cast(cfg.momentum_scale(name), tf.float32), [-1])
-                               for name in bucket.names], axis=0)
+        if cfg.plan.momentum is not None and not warm:
+            kept = current["momentum"]
+            # Read the optimizer's momentum only on the step where warm-up ends.
+            current["momentum"] = tf.cond(step == self._local.warmup_steps,
+                                          lambda: self._momentum_start(bucket), lambda: kept)
+            if cfg.momentum_scale is not None:
+                scale = tf.concat([tf.reshape(tf.cast(cfg.momentum_scale(name), tf.float32),
+                                              [-1]) for name in bucket.names], axis=0)
         steps = cfg.plan.run(codecs.on(), bucket, flat, current, step=step,
                              rank=cfg.comm.rank, warm=warm, learning_rate=rate,
                              momentum_scale=scale)
@@ -198,7 +200,8 @@ class SqueezeEngine(tf.Module):
     def stats_of(self, compressed: bool, step: int = -1) -> StepStats:
         """Bytes this rank sends in a compressed (or warm-up) step: a function of the layout."""
         plan = self._config.plan
-        return StepStats(step, plan.step_bytes(warm=not compressed, rank=self.comm.rank), plan.fp32_bytes)
+        return StepStats(step, plan.step_bytes(warm=not compressed, rank=self.comm.rank),
+                         plan.fp32_bytes)
 
     @property
     def last_stats(self) -> StepStats | None:

@@ -90,23 +90,24 @@ class _SqueezeOptimizer(_DistributedOptimizer):
 
     def _squeeze_momentum_source(self, name):
         """The wrapped optimizer's momentum of ``name`` when warm-up ends (None: none yet)."""
-        state = self.state.get(self._squeeze_parameter[name], {})
         if self._squeeze_momentum_kind == "adam":
-            if "exp_avg_sq" not in state:
-                raise RuntimeError(
-                    f"{name}: Adam's variance is frozen when warm-up ends, but this parameter had "
-                    "no gradient during the warm-up steps; raise warmup_steps")
-            return state["exp_avg"]
-        return state.get("momentum_buffer")
+            return self._squeeze_adam_state(name)["exp_avg"]
+        return self.state.get(self._squeeze_parameter[name], {}).get("momentum_buffer")
+
+    def _squeeze_adam_state(self, name) -> dict:
+        """Adam's state of ``name``, which warm-up must have created: its variance is frozen."""
+        state = self.state.get(self._squeeze_parameter[name], {})
+        if "exp_avg_sq" not in state:
+            raise RuntimeError(
+                f"{name}: Adam's variance is frozen when warm-up ends, but this parameter had "
+                "no gradient during the warm-up steps; raise warmup_steps")
+        return state
 
     def _squeeze_adam_scale(self, name):
         """Adam's preconditioner of ``name`` with the variance frozen when warm-up ended."""
         p = self._squeeze_parameter[name]
-        state, group = self.state[p], self._squeeze_group_of[p]
+        state, group = self._squeeze_adam_state(name), self._squeeze_group_of[p]
         variance_step = state.setdefault("variance_frozen_at", int(state["step"]))
-        if variance_step < 1:
-            raise RuntimeError(f"{name}: Adam's variance is frozen after the exact warm-up "
-                               "steps, and none ran")
         return adam_scale(codecs.on(p.device).xp, state["exp_avg_sq"],
                           variance_step=variance_step, beta2=group["betas"][1], eps=group["eps"])
 

@@ -160,11 +160,16 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
     def track(engine):  # a tracked attribute: the engine's snapshot is saved with the optimizer
         distributed._squeeze_engine = engine
 
+    def slot(variables):
+        """Variable -> the index of its optimizer slots, which exist before the first step."""
+        distributed.build(variables)
+        return lambda variable: distributed._index_dict[distributed._var_key(variable)]
+
     def momentum_source(variables):
-        distributed.build(variables)  # the slots exist before the first step
+        slot_of = slot(variables)
 
         def source(variable):
-            index = distributed._index_dict[distributed._var_key(variable)]
+            index = slot_of(variable)
             if kind == "adam":
                 return distributed._momentums[index]
             # Keras keeps SGD's velocity as -lr * momentum.
@@ -172,10 +177,10 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
         return source
 
     def momentum_scale(variables):  # Adam's preconditioner; T0 is the last warm-up step
-        distributed.build(variables)
+        slot_of = slot(variables)
 
         def scale(variable):
-            index = distributed._index_dict[distributed._var_key(variable)]
+            index = slot_of(variable)
             engine = distributed._squeeze.engine
             return adam_scale(codecs.on().xp, distributed._velocities[index],
                               variance_step=tf.cast(engine.warmup_steps, tf.float32),
