@@ -64,6 +64,10 @@ class ArrayOps(abc.ABC):
     def minimum(self, x: Tensor, y: Tensor) -> Tensor: ...
 
     @abc.abstractmethod
+    def clip(self, x: Tensor, bound: float) -> Tensor:
+        """``x`` limited to ``[-bound, bound]`` entrywise."""
+
+    @abc.abstractmethod
     def where(self, condition: Tensor, x: Tensor, y: Tensor) -> Tensor: ...
 
     @abc.abstractmethod

@@ -18,7 +18,18 @@ What travels is the momentum already divided by it, ``s * m_i`` with
 ``s = 1 / (sqrt(v / (1 - beta2^T0)) + eps)``: a fixed, shared diagonal scaling, so the average is
 still exact without compression, while a 1-bit compressor now sees Adam's update direction, whose
 entries have comparable magnitudes, instead of moments that span orders of magnitude (a sign with
-the moments' mean scale, divided by a tiny ``sqrt(v)``, would blow up). At step ``t``, with ``u`` the
+the moments' mean scale, divided by a tiny ``sqrt(v)``, would blow up).
+
+A frozen variance can be far too small for an entry whose gradients only start after warm-up (a
+ReLU unit that was dead, a rare token's embedding): ``s * m_i`` is then unbounded, although exact
+Adam, whose variance would follow, never moves an entry that far. So each entry of ``s * m_i`` is
+clipped to the largest value exact Adam's ``m_t / sqrt(v_t / (1 - beta2^t))`` reaches on any
+gradients at any step (Cauchy-Schwarz on the two moving averages, for ``beta1^2 < beta2``)::
+
+    B = (1 - beta1) / sqrt((1 - beta2) * (1 - beta1^2 / beta2))      # 7.27 for (0.9, 0.999)
+
+Exact Adam's direction is never clipped; without the clip, 1-bit error feedback hands such an
+entry's growing mass back through a shared scale and diverges. At step ``t``, with ``u`` the
 exchanged direction::
 
     p = p * (1 - lr * wd)                      # AdamW only
@@ -34,8 +45,8 @@ from typing import Any
 
 from horovod_squeeze.algorithms.base import MOMENT, WORKER, StateSpec
 
-__all__ = ["WorkerMomentum", "adam_scale", "frozen_adam_update", "ADAM_WARMUP_STEPS",
-           "warmup_steps_for"]
+__all__ = ["WorkerMomentum", "adam_scale", "adam_direction_bound", "frozen_adam_update",
+           "ADAM_WARMUP_STEPS", "warmup_steps_for"]
 
 Tensor = Any
 
@@ -58,12 +69,14 @@ def warmup_steps_for(kind: str | None, warmup_steps: int | None) -> int:
 @dataclasses.dataclass(frozen=True)
 class WorkerMomentum:
     """``m_i = beta m_i + (1 - dampening) g_i`` on each worker; sends ``m_i`` (Nesterov:
-    ``g_i + beta m_i``). One ``momentum`` state tensor per worker, kept as is when the learning
-    rate changes (as the optimizers keep theirs)."""
+    ``g_i + beta m_i``), times a scale if one is given, each entry clipped to ``±bound`` if one is
+    set (Adam: :func:`adam_direction_bound`). One ``momentum`` state tensor per worker, kept as is
+    when the learning rate changes (as the optimizers keep theirs)."""
 
     beta: float
     dampening: float = 0.0
     nesterov: bool = False
+    bound: float | None = None
 
     def __post_init__(self):
         if not (isinstance(self.beta, (int, float)) and 0.0 < self.beta < 1.0):
@@ -72,17 +85,32 @@ class WorkerMomentum:
             raise ValueError(f"momentum dampening must be in [0, 1), got {self.dampening!r}")
         if self.nesterov and self.dampening:
             raise ValueError("Nesterov momentum requires zero dampening (as torch.optim.SGD)")
+        if self.bound is not None and not self.bound > 0.0:
+            raise ValueError(f"the bound on what is sent must be positive, got {self.bound!r}")
 
     def state(self) -> tuple[StateSpec, ...]:
         return (StateSpec("momentum", WORKER, MOMENT, doc="m_i: this worker's momentum"),)
 
-    def apply(self, gradient: Tensor, state: dict, scale: Tensor | None = None
+    def apply(self, xp, gradient: Tensor, state: dict, scale: Tensor | None = None
               ) -> tuple[Tensor, dict]:
         """What this worker sends (times ``scale``, Adam's frozen preconditioner, if given) and
-        its new state (pure: ``state`` is not written)."""
+        its new state (pure: ``state`` is not written); ``xp``: the codec's array operations."""
         momentum = state["momentum"] * self.beta + gradient * (1.0 - self.dampening)
         sent = gradient + momentum * self.beta if self.nesterov else momentum
-        return (sent if scale is None else sent * scale), {"momentum": momentum}
+        if scale is not None:
+            sent = sent * scale
+        if self.bound is not None:
+            sent = xp.clip(sent, self.bound)
+        return sent, {"momentum": momentum}
+
+
+def adam_direction_bound(beta1: float, beta2: float) -> float | None:
+    """``(1 - beta1) / sqrt((1 - beta2) (1 - beta1^2 / beta2))``: no entry of exact Adam's
+    ``m_t / sqrt(v_t / (1 - beta2^t))`` ever exceeds it; None where ``beta1^2 >= beta2`` (no
+    bound exists)."""
+    if beta1 ** 2 >= beta2:
+        return None
+    return (1.0 - beta1) / ((1.0 - beta2) * (1.0 - beta1 ** 2 / beta2)) ** 0.5
 
 
 def adam_scale(xp, variance: Tensor, *, variance_step, beta2: float, eps: float) -> Tensor:

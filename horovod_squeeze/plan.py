@@ -133,7 +133,7 @@ class Plan:
         exchange = self.exchange_of(bucket, warm)
         if self.momentum is None or warm:
             return exchange.run(codec, self.algorithm, bucket, flat, state, context)
-        sent, moment = self.momentum.apply(flat, state, momentum_scale)
+        sent, moment = self.momentum.apply(codec.xp, flat, state, momentum_scale)
         return _with_state(exchange.run(codec, self.algorithm, bucket, sent, state, context),
                            moment)
 

@@ -16,10 +16,16 @@ from horovod_squeeze.testing import run_on_ranks
 
 BIG, SMALL = 3000, 10  # one compressed bucket (bucket 0) and the plain bucket of small tensors
 NUM_PROC = 2
+QUIET = 64
 
 
-def _gradient(step, rank):
-    return np.random.default_rng(100 * step + rank).standard_normal(BIG + SMALL).astype(np.float32)
+def _gradient(step, rank, config=None):
+    """Random gradients; with ``quiet_until`` in ``config``, the first QUIET entries are 0 before
+    that step (units that come alive after warm-up: their frozen variance is 0)."""
+    gradient = np.random.default_rng(100 * step + rank).standard_normal(BIG + SMALL)
+    if config is not None and step < config.get("quiet_until", 0):
+        gradient[:QUIET] = 0.0
+    return gradient.astype(np.float32)
 
 
 def _optimizer(config, params):
@@ -47,7 +53,7 @@ def _train(configs, steps):
         records = []
         for step in range(steps):
             optimizer.zero_grad()
-            grad = torch.from_numpy(_gradient(step, hvd.rank()))
+            grad = torch.from_numpy(_gradient(step, hvd.rank(), config))
             ((big * grad[:BIG]).sum() + (small * grad[BIG:]).sum()).backward()
             optimizer.step()
             records.append({"applied": torch.cat([big.grad, small.grad]).numpy().copy(),
@@ -65,7 +71,8 @@ def _fp32_params(config, steps):
     optimizer = _optimizer(config, [big, small])
     params = []
     for step in range(steps):
-        average = sum(_gradient(step, r) for r in range(NUM_PROC)) / np.float32(NUM_PROC)
+        average = (sum(_gradient(step, r, config) for r in range(NUM_PROC))
+                   / np.float32(NUM_PROC))
         big.grad, small.grad = (torch.from_numpy(average[:BIG].copy()),
                                 torch.from_numpy(average[BIG:].copy()))
         optimizer.step()
@@ -79,7 +86,7 @@ FP32_CASES = [
     {"optimizer": ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
      "compression": EXACT, "options": {"warmup_steps": 2}},
     {"optimizer": ("AdamW", {"lr": 0.01, "weight_decay": 0.1}), "compression": EXACT,
-     "options": {"warmup_steps": 3}},
+     "options": {"warmup_steps": 3}, "quiet_until": 3},
     {"optimizer": ("Adam", {"lr": 0.01, "weight_decay": 0.1}), "compression": EXACT,
      "options": {"warmup_steps": 3}},
 ]
@@ -102,19 +109,23 @@ def test_worker_momentum_matches_the_fp32_optimizers():
 
 def _frozen_adam(config, steps, warmup):
     """Adam's reference: exact (torch) for the warm-up steps, then the frozen-variance update
-    written from its definition, with m = beta1 m + (1 - beta1) g on each worker."""
+    written from its definition, with m = beta1 m + (1 - beta1) g on each worker, whose
+    preconditioned m is clipped to the bound exact Adam's direction never exceeds."""
     import torch
 
     kind, hyper = config["optimizer"]
     exact = _fp32_params(config, warmup)
     beta1, beta2, lr, wd = 0.9, 0.999, hyper["lr"], hyper["weight_decay"]
     eps = hyper.get("eps", 1e-8)
+    # |m_t| <= (1 - b1) sqrt(sum (b1^2/b2)^k) sqrt(v_t / (1 - b2)) by Cauchy-Schwarz.
+    bound = (1 - beta1) / np.sqrt((1 - beta2) * (1 - beta1 ** 2 / beta2))
     # Replay the warm-up to read its moments (torch's state after `warmup` steps).
     big = torch.nn.Parameter(torch.linspace(-1, 1, BIG))
     small = torch.nn.Parameter(torch.linspace(0, 1, SMALL))
     optimizer = _optimizer(config, [big, small])
     for step in range(warmup):
-        average = sum(_gradient(step, r) for r in range(NUM_PROC)) / np.float32(NUM_PROC)
+        average = (sum(_gradient(step, r, config) for r in range(NUM_PROC))
+                   / np.float32(NUM_PROC))
         big.grad, small.grad = (torch.from_numpy(average[:BIG].copy()),
                                 torch.from_numpy(average[BIG:].copy()))
         optimizer.step()
@@ -126,15 +137,16 @@ def _frozen_adam(config, steps, warmup):
     params = list(exact)
     for step in range(warmup, steps):
         for r in range(NUM_PROC):
-            g = _gradient(step, r).astype(np.float64)
+            g = _gradient(step, r, config).astype(np.float64)
             if kind == "Adam":
                 g = g + wd * p
             m[r] = beta1 * m[r] + (1 - beta1) * g
-        average = sum(m) / NUM_PROC
+        preconditioner = 1 / (np.sqrt(v / (1 - beta2 ** warmup)) + eps)
+        direction = sum(np.clip(m_r * preconditioner, -bound, bound) for m_r in m) / NUM_PROC
         if kind == "AdamW":
             p = p * (1 - lr * wd)
         t = step + 1
-        p = p - lr * (average / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** warmup)) + eps)
+        p = p - lr * direction / (1 - beta1 ** t)
         params.append(p.astype(np.float32))
     return params
 
@@ -317,7 +329,7 @@ def _keras_train(configs, steps):
         model.compile(optimizer=hsk.DistributedOptimizer(
             _keras_optimizer(config), compression=config["compression"],
             **config.get("options", {})), loss=lambda y, p: tf.reduce_sum(p))
-        rows = np.stack([_gradient(step, hvd.rank()) for step in range(steps)])
+        rows = np.stack([_gradient(step, hvd.rank(), config) for step in range(steps)])
         record = Record()
         model.fit(rows, np.zeros((steps, 1), np.float32), batch_size=1, epochs=1, shuffle=False,
                   verbose=0, callbacks=[record])
@@ -333,7 +345,8 @@ def _keras_fp32_params(config, steps):
     optimizer = _keras_optimizer(config)
     params = []
     for step in range(steps):
-        average = sum(_gradient(step, r) for r in range(NUM_PROC)) / np.float32(NUM_PROC)
+        average = (sum(_gradient(step, r, config) for r in range(NUM_PROC))
+                   / np.float32(NUM_PROC))
         optimizer.apply_gradients([(tf.constant(average[:BIG]), variables[0]),
                                    (tf.constant(average[BIG:]), variables[1])])
         params.append(np.concatenate([v.numpy() for v in variables]))
@@ -346,7 +359,7 @@ KERAS_CASES = [
      "compression": EXACT, "options": {"warmup_steps": 2}},
     # Keras and PyTorch place epsilon differently; a tiny one makes both references agree.
     {"optimizer": ("Adam", {"learning_rate": 0.01, "epsilon": 1e-10}), "compression": EXACT,
-     "options": {"warmup_steps": 3}},
+     "options": {"warmup_steps": 3}, "quiet_until": 3},
 ]
 
 
@@ -365,8 +378,8 @@ def test_keras_worker_momentum_matches_the_fp32_optimizers():
         if kind == "Adam":  # exact while warming up, then the frozen-variance reference
             warmup = config["options"]["warmup_steps"]
             want = _frozen_adam({"optimizer": ("Adam", {
-                "lr": hyper["learning_rate"], "eps": hyper["epsilon"], "weight_decay": 0.0})},
-                steps, warmup)
+                "lr": hyper["learning_rate"], "eps": hyper["epsilon"], "weight_decay": 0.0}),
+                "quiet_until": config["quiet_until"]}, steps, warmup)
             for step in range(steps):
                 np.testing.assert_allclose(results[0][index][step], want[step], rtol=2e-5,
                                            atol=2e-6, err_msg=f"Adam step {step}")
@@ -404,3 +417,36 @@ def test_pytorch_engine_rescales_residuals_when_the_learning_rate_changes():
             np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(residual, want_residual)
     assert np.abs(scheduled[0][1]).sum() > 0
+
+
+def test_adam_direction_bound_is_exact_adams_tight_limit():
+    """torch.optim.Adam's m_t / sqrt(v_t / (1 - beta2^t)) stays within adam_direction_bound on any
+    gradients, and gradients growing like (beta2 / beta1)^k reach B sqrt((1 - beta2^t)(1 - g^t)),
+    g = beta1^2 / beta2, the Cauchy-Schwarz equality: the clip never touches exact Adam's
+    direction and could not be tighter."""
+    import torch
+
+    from horovod_squeeze.momentum import adam_direction_bound
+
+    beta1, beta2, steps = 0.9, 0.999, 300
+    bound = adam_direction_bound(beta1, beta2)
+    assert adam_direction_bound(0.99, 0.9) is None  # beta1^2 >= beta2: no bound exists
+    rng = np.random.default_rng(0)
+    sequences = {"growing": (beta2 / beta1) ** np.arange(steps),
+                 "spike": np.r_[np.zeros(steps - 1), 1.0],
+                 "normal": rng.standard_normal(steps),
+                 "heavy tailed": rng.standard_cauchy(steps)}
+    for name, gradients in sequences.items():
+        param = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        adam = torch.optim.Adam([param], betas=(beta1, beta2), eps=0.0)
+        for t, gradient in enumerate(gradients, start=1):
+            param.grad = torch.tensor([gradient], dtype=torch.float64)
+            adam.step()
+            state = adam.state[param]
+            if state["exp_avg_sq"].item() == 0.0:  # no gradient yet: m = 0 too
+                continue
+            ratio = abs((state["exp_avg"] / (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt()).item())
+            assert ratio <= bound, (name, t, ratio)
+        if name == "growing":
+            tight = bound * np.sqrt((1 - beta2 ** steps) * (1 - (beta1 ** 2 / beta2) ** steps))
+            assert ratio == pytest.approx(tight, rel=1e-9)

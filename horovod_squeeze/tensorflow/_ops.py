@@ -48,6 +48,9 @@ class TensorFlowOps(ArrayOps):
     def minimum(self, x, y):
         return tf.minimum(x, y)
 
+    def clip(self, x, bound):
+        return tf.clip_by_value(x, -bound, bound)
+
     def where(self, condition, x, y):
         return tf.where(condition, x, y)
 

@@ -60,6 +60,9 @@ class TorchOps(ArrayOps):
     def minimum(self, x, y):
         return torch.minimum(x, y)
 
+    def clip(self, x, bound):
+        return x.clamp(-bound, bound)
+
     def where(self, condition, x, y):
         return torch.where(condition, x, y)
 
