@@ -91,7 +91,9 @@ def main():
     callbacks = [hsk.callbacks.BroadcastGlobalVariablesCallback(root_rank=0),
                  hsk.callbacks.MetricAverageCallback()]
     if compression is not None:
-        callbacks.append(hsk.callbacks.CompressionStatsCallback())
+        # The schedule moves the rate every step: keep what the residuals owe worth the same.
+        callbacks += [hsk.callbacks.ResidualRescaleCallback(),
+                      hsk.callbacks.CompressionStatsCallback()]
         if args.warmup_epochs:
             callbacks.append(hsk.callbacks.WarmupCallback(warmup_epochs=args.warmup_epochs))
         if args.checkpoint_dir:

@@ -29,8 +29,15 @@ gradients at any step (Cauchy-Schwarz on the two moving averages, for ``beta1^2 
     B = (1 - beta1) / sqrt((1 - beta2) * (1 - beta1^2 / beta2))      # 7.27 for (0.9, 0.999)
 
 Exact Adam's direction is never clipped; without the clip, 1-bit error feedback hands such an
-entry's growing mass back through a shared scale and diverges. At step ``t``, with ``u`` the
-exchanged direction::
+entry's growing mass back through a shared scale and diverges.
+
+Adam's momentum is then a *consensus*, as in 1-bit Adam: after the exchange every worker's ``m_i``
+becomes the exchanged average divided by ``s``, so next step the workers send
+``s * (beta1 * m + (1 - beta1) * g_i)``, which differ only by this step's gradients. Kept local,
+each ``m_i`` carries its worker's accumulated noise, the workers' signs disagree, and a 1-bit
+second pass (DoubleSqueeze's server) turns that disagreement into noise. Without compression both
+are exact Adam's first moment. SGD's momentum stays local (dist-EF-SGDM), where it is measured
+to match fp32. At step ``t``, with ``u`` the exchanged direction::
 
     p = p * (1 - lr * wd)                      # AdamW only
     p = p - lr * u / (1 - beta1^t)
@@ -70,13 +77,15 @@ def warmup_steps_for(kind: str | None, warmup_steps: int | None) -> int:
 class WorkerMomentum:
     """``m_i = beta m_i + (1 - dampening) g_i`` on each worker; sends ``m_i`` (Nesterov:
     ``g_i + beta m_i``), times a scale if one is given, each entry clipped to ``±bound`` if one is
-    set (Adam: :func:`adam_direction_bound`). One ``momentum`` state tensor per worker, kept as is
-    when the learning rate changes (as the optimizers keep theirs)."""
+    set (Adam: :func:`adam_direction_bound`). With ``consensus``, every worker's momentum then
+    becomes the exchanged average divided by the scale (1-bit Adam's rule). One ``momentum`` state
+    tensor per worker, kept as is when the learning rate changes (as the optimizers keep theirs)."""
 
     beta: float
     dampening: float = 0.0
     nesterov: bool = False
     bound: float | None = None
+    consensus: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.beta, (int, float)) and 0.0 < self.beta < 1.0):
@@ -85,6 +94,9 @@ class WorkerMomentum:
             raise ValueError(f"momentum dampening must be in [0, 1), got {self.dampening!r}")
         if self.nesterov and self.dampening:
             raise ValueError("Nesterov momentum requires zero dampening (as torch.optim.SGD)")
+        if self.consensus and self.nesterov:
+            raise ValueError("a consensus momentum cannot be recovered from an exchanged "
+                             "Nesterov step (g + beta m)")
         if self.bound is not None and not self.bound > 0.0:
             raise ValueError(f"the bound on what is sent must be positive, got {self.bound!r}")
 
@@ -102,6 +114,13 @@ class WorkerMomentum:
         if self.bound is not None:
             sent = xp.clip(sent, self.bound)
         return sent, {"momentum": momentum}
+
+    def settle(self, exchanged: Tensor, momentum: dict, scale: Tensor | None = None) -> dict:
+        """The momentum state after the exchange: this worker's own (``momentum``, from
+        :meth:`apply`), or with ``consensus`` the exchanged average, unscaled."""
+        if not self.consensus:
+            return momentum
+        return {"momentum": exchanged if scale is None else exchanged / scale}
 
 
 def adam_direction_bound(beta1: float, beta2: float) -> float | None:

@@ -134,8 +134,8 @@ class Plan:
         if self.momentum is None or warm:
             return exchange.run(codec, self.algorithm, bucket, flat, state, context)
         sent, moment = self.momentum.apply(codec.xp, flat, state, momentum_scale)
-        return _with_state(exchange.run(codec, self.algorithm, bucket, sent, state, context),
-                           moment)
+        return _with_momentum(exchange.run(codec, self.algorithm, bucket, sent, state, context),
+                              self.momentum, moment, momentum_scale)
 
     def step_bytes(self, warm: bool, rank: int = 0) -> PassBytes:
         """Payload bytes rank ``rank`` sends and receives in a step (warm-up: all plain); under
@@ -152,8 +152,9 @@ class Plan:
         return fp32_allreduce_bytes(self.numel, self.size)
 
 
-def _with_state(steps, extra: dict):
-    """An exchange generator whose result also carries ``extra`` state."""
+def _with_momentum(steps, momentum: WorkerMomentum, moment: dict, scale):
+    """An exchange generator whose result also carries the worker momentum's new state."""
     result = yield from steps
-    return BucketResult(result.output, {**result.state, **extra})
+    return BucketResult(result.output,
+                        {**result.state, **momentum.settle(result.output, moment, scale)})
 

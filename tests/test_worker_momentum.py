@@ -110,7 +110,8 @@ def test_worker_momentum_matches_the_fp32_optimizers():
 def _frozen_adam(config, steps, warmup):
     """Adam's reference: exact (torch) for the warm-up steps, then the frozen-variance update
     written from its definition, with m = beta1 m + (1 - beta1) g on each worker, whose
-    preconditioned m is clipped to the bound exact Adam's direction never exceeds."""
+    preconditioned m is clipped to the bound exact Adam's direction never exceeds; then every
+    worker's m becomes the exchanged direction over the preconditioner (1-bit Adam's consensus)."""
     import torch
 
     kind, hyper = config["optimizer"]
@@ -143,6 +144,7 @@ def _frozen_adam(config, steps, warmup):
             m[r] = beta1 * m[r] + (1 - beta1) * g
         preconditioner = 1 / (np.sqrt(v / (1 - beta2 ** warmup)) + eps)
         direction = sum(np.clip(m_r * preconditioner, -bound, bound) for m_r in m) / NUM_PROC
+        m = [direction / preconditioner for _ in range(NUM_PROC)]
         if kind == "AdamW":
             p = p * (1 - lr * wd)
         t = step + 1

@@ -229,7 +229,8 @@ def _worker_momentum(param_groups, kind: str | None) -> WorkerMomentum | None:
             raise ValueError("worker momentum does not support Adam's amsgrad (its maximum of "
                              "variances is not frozen); pass worker_momentum=False")
         beta1, beta2 = _one(param_groups, "betas", kind)
-        return WorkerMomentum(beta1, dampening=beta1, bound=adam_direction_bound(beta1, beta2))
+        return WorkerMomentum(beta1, dampening=beta1, bound=adam_direction_bound(beta1, beta2),
+                              consensus=True)
     if _one(param_groups, "dampening", kind):
         raise ValueError("worker momentum does not support SGD's dampening; pass "
                          "worker_momentum=False")

@@ -102,7 +102,8 @@ def _worker_momentum(optimizer, kind: str | None) -> WorkerMomentum | None:
             raise ValueError("worker momentum does not support Adam's amsgrad (its maximum of "
                              "variances is not frozen); pass worker_momentum=False")
         return WorkerMomentum(optimizer.beta_1, dampening=optimizer.beta_1,
-                              bound=adam_direction_bound(optimizer.beta_1, optimizer.beta_2))
+                              bound=adam_direction_bound(optimizer.beta_1, optimizer.beta_2),
+                              consensus=True)
     return WorkerMomentum(optimizer.momentum, nesterov=optimizer.nesterov)
 
 
