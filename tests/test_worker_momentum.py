@@ -452,3 +452,45 @@ def test_adam_direction_bound_is_exact_adams_tight_limit():
         if name == "growing":
             tight = bound * np.sqrt((1 - beta2 ** steps) * (1 - (beta1 ** 2 / beta2) ** steps))
             assert ratio == pytest.approx(tight, rel=1e-9)
+
+
+def test_adam_consensus_momentum_is_bit_identical_to_the_reference():
+    """Adam's rule through the engine (fake collectives, 1-bit DoubleSqueeze): each worker sends
+    clip(s * (b1 m + (1 - b1) g_i), ±B), and every worker's momentum becomes the exchanged average
+    over s. The preconditioner spans 1e-2..1e8 (a zero variance gives 1/eps), so the clip binds."""
+    import torch
+
+    from horovod_squeeze.fake import FakeWorld
+    from horovod_squeeze.momentum import WorkerMomentum, adam_direction_bound
+    from horovod_squeeze.torch.engine import SqueezeEngine
+
+    steps, beta1, bound = 4, 0.9, adam_direction_bound(0.9, 0.999)
+    algorithm = hs.DoubleSqueeze(hs.ScaledSign())
+    scale = np.float32(10.0) ** np.linspace(-2, 8, BIG).astype(np.float32)
+
+    def body(comm):
+        engine = SqueezeEngine(
+            algorithm, [("w", (BIG,))], collectives=comm, min_compress_numel=0,
+            momentum=WorkerMomentum(beta1, dampening=beta1, bound=bound, consensus=True),
+            momentum_scale=lambda name: torch.from_numpy(scale))
+        applied = []
+        for step in range(steps):
+            engine.submit("w", torch.from_numpy(_gradient(step, comm.rank)[:BIG] * 1e-3))
+            applied.append(engine.result("w").numpy().copy())
+        return applied, engine.state[0]["momentum"].numpy().copy()
+
+    ranks = FakeWorld(NUM_PROC).run(body)
+    momentum = np.zeros(BIG, np.float32)
+    state = init_state(algorithm, "sharded", BIG, NUM_PROC)
+    b1, rest = np.float32(beta1), np.float32(1.0 - beta1)
+    for step in range(steps):
+        sent = [np.clip((momentum * b1 + _gradient(step, r)[:BIG] * np.float32(1e-3) * rest)
+                        * scale, np.float32(-bound), np.float32(bound))
+                for r in range(NUM_PROC)]
+        assert max(np.abs(s).max() for s in sent) == np.float32(bound)  # the clip binds
+        exchanged, state = simulate_step(algorithm, "sharded", sent, state, step=step)
+        momentum = exchanged / scale
+        for rank, (applied, _) in enumerate(ranks):
+            np.testing.assert_array_equal(applied[step], exchanged, err_msg=f"rank {rank} {step}")
+    for rank, (_, final_momentum) in enumerate(ranks):
+        np.testing.assert_array_equal(final_momentum, momentum, err_msg=f"rank {rank}")
