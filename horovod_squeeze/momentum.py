@@ -100,6 +100,14 @@ class WorkerMomentum:
         if self.bound is not None and not self.bound > 0.0:
             raise ValueError(f"the bound on what is sent must be positive, got {self.bound!r}")
 
+    @classmethod
+    def adam(cls, beta1: float, beta2: float) -> "WorkerMomentum":
+        """Adam's first moment after warm-up (1-bit Adam's rule, see the module): ``beta1`` with
+        its ``1 - beta1`` weight, the preconditioned moment clipped to
+        :func:`adam_direction_bound`, a consensus after every exchange."""
+        return cls(beta1, dampening=beta1, bound=adam_direction_bound(beta1, beta2),
+                   consensus=True)
+
     def state(self) -> tuple[StateSpec, ...]:
         return (StateSpec("momentum", WORKER, MOMENT, doc="m_i: this worker's momentum"),)
 

@@ -471,7 +471,7 @@ def test_adam_consensus_momentum_is_bit_identical_to_the_reference():
     def body(comm):
         engine = SqueezeEngine(
             algorithm, [("w", (BIG,))], collectives=comm, min_compress_numel=0,
-            momentum=WorkerMomentum(beta1, dampening=beta1, bound=bound, consensus=True),
+            momentum=WorkerMomentum.adam(beta1, 0.999),
             momentum_scale=lambda name: torch.from_numpy(scale))
         applied = []
         for step in range(steps):

@@ -17,7 +17,7 @@ from horovod.torch.optimizer import _DistributedOptimizer
 from horovod_squeeze.algorithms import MODEL_INCREMENT, Algorithm
 from horovod_squeeze.compressors import Compressor
 from horovod_squeeze.momentum import (
-    WorkerMomentum, adam_direction_bound, adam_scale, frozen_adam_update, warmup_steps_for,
+    WorkerMomentum, adam_scale, frozen_adam_update, warmup_steps_for,
 )
 from horovod_squeeze.plan import EngineOptions, check_algorithm
 from horovod_squeeze.torch.collectives import HorovodCollectives
@@ -228,9 +228,7 @@ def _worker_momentum(param_groups, kind: str | None) -> WorkerMomentum | None:
         if _one(param_groups, "amsgrad", kind):
             raise ValueError("worker momentum does not support Adam's amsgrad (its maximum of "
                              "variances is not frozen); pass worker_momentum=False")
-        beta1, beta2 = _one(param_groups, "betas", kind)
-        return WorkerMomentum(beta1, dampening=beta1, bound=adam_direction_bound(beta1, beta2),
-                              consensus=True)
+        return WorkerMomentum.adam(*_one(param_groups, "betas", kind))
     if _one(param_groups, "dampening", kind):
         raise ValueError("worker momentum does not support SGD's dampening; pass "
                          "worker_momentum=False")

@@ -16,7 +16,7 @@ from horovod.tensorflow.compression import Compression
 from horovod_squeeze.algorithms import Algorithm
 from horovod_squeeze.compressors import Compressor
 from horovod_squeeze.momentum import (
-    WorkerMomentum, adam_direction_bound, adam_scale, frozen_adam_update, warmup_steps_for,
+    WorkerMomentum, adam_scale, frozen_adam_update, warmup_steps_for,
 )
 from horovod_squeeze.plan import EngineOptions, check_algorithm
 from horovod_squeeze.telemetry import StepStats
@@ -101,9 +101,7 @@ def _worker_momentum(optimizer, kind: str | None) -> WorkerMomentum | None:
         if optimizer.amsgrad:
             raise ValueError("worker momentum does not support Adam's amsgrad (its maximum of "
                              "variances is not frozen); pass worker_momentum=False")
-        return WorkerMomentum(optimizer.beta_1, dampening=optimizer.beta_1,
-                              bound=adam_direction_bound(optimizer.beta_1, optimizer.beta_2),
-                              consensus=True)
+        return WorkerMomentum.adam(optimizer.beta_1, optimizer.beta_2)
     return WorkerMomentum(optimizer.momentum, nesterov=optimizer.nesterov)
 
 
