@@ -117,15 +117,22 @@ def main():
     for name in (CONTENDERS[short][0] for short in chosen):
         mine = [r for r in runs if r["contender"] == name]
         done = [r for r in mine if r["accuracy"] is not None]
-        summary[name] = {"mean_accuracy": statistics.mean(r["accuracy"] for r in done),
+        summary[name] = {"mean_accuracy": statistics.mean(r["accuracy"] for r in done)
+                         if done else None,
                          "accuracies": [r["accuracy"] for r in mine],
-                         "failed_seeds": [r["seed"] for r in mine if r["accuracy"] is None],
-                         "bytes_sent_per_step": done[0]["bytes_sent_per_step"],
-                         "fp32_allreduce_bytes_per_step": done[0]["fp32_allreduce_bytes_per_step"]}
+                         "failed_seeds": [r["seed"] for r in mine if r["accuracy"] is None]}
+        if done:
+            summary[name].update({
+                "bytes_sent_per_step": done[0]["bytes_sent_per_step"],
+                "fp32_allreduce_bytes_per_step": done[0]["fp32_allreduce_bytes_per_step"]})
     baseline = summary["fp32 allreduce"]["mean_accuracy"]
     print(f"{'contender':<42} {'accuracy (mean)':>16} {'vs fp32 (points)':>17} {'bytes/step':>11} "
           f"{'fewer bytes':>12}")
     for name, s in summary.items():
+        if s["mean_accuracy"] is None or baseline is None:  # recorded in the JSON all the same
+            print(f"{name:<42} every seed failed" if s["mean_accuracy"] is None
+                  else f"{name:<42} {100 * s['mean_accuracy']:>15.2f}% (fp32 failed)")
+            continue
         s["points_vs_fp32"] = 100 * (s["mean_accuracy"] - baseline)
         print(f"{name:<42} {100 * s['mean_accuracy']:>15.2f}% {s['points_vs_fp32']:>+17.2f} "
               f"{s['bytes_sent_per_step']:>11} "
