@@ -5,7 +5,7 @@ The top level holds the framework-neutral vocabulary: compressor specs such as `
 reference (:mod:`horovod_squeeze.reference`) and the framework bindings all accept.
 """
 from horovod_squeeze.algorithms import (
-    Algorithm, DoubleSqueeze, ErrorFeedback, NoFeedback, ServerFeedback,
+    DORE, Algorithm, DoubleQuantization, DoubleSqueeze, ErrorFeedback, NoFeedback, ServerFeedback,
 )
 from horovod_squeeze.exchange import Allgather, Allreduce, Exchange, Sharded
 from horovod_squeeze.compressors import (
@@ -16,7 +16,8 @@ from horovod_squeeze.compressors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback", "ServerFeedback",
+    "Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback", "ServerFeedback", "DORE",
+    "DoubleQuantization",
     "Exchange", "Sharded", "Allgather", "Allreduce",
     "Compressor", "Contract", "FP16", "Identity", "Natural", "QSGD", "RandK", "ScaledSign",
     "Ternary", "ToContractive", "TopK",

@@ -285,7 +285,7 @@ class Codec:
         xp = self.xp
         parts, start = [], 0
         for length in segments or (0,):  # an empty vector: one empty matrix, for the dtype
-            size = length if block_size is None else block_size
+            size = (length if block_size is None else block_size) or 1  # reducible rows
             num_blocks = -(-length // size) if length else 0
             rows = xp.slice(v, start, start + length)
             if num_blocks * size != length:
@@ -302,7 +302,7 @@ class Codec:
             return block_values
         parts, first = [], 0
         for length, count in zip(segments, counts):
-            size = length if block_size is None else block_size
+            size = (length if block_size is None else block_size) or 1  # reducible rows
             spread = xp.repeat(xp.slice(block_values, first, first + count), size)
             parts.append(spread if count * size == length else xp.slice(spread, 0, length))
             first += count
@@ -396,8 +396,13 @@ class Codec:
 
     def _qsgd(self, spec, v, segments, nonce, name):
         xp = self.xp
-        quanta = self._per_block(v, segments, None, lambda rows: xp.cast(
-            xp.sqrt(xp.power_sum64(rows, 2, axis=1)) / spec.levels, "float32"))
+        if spec.p == "inf":
+            self._check_finite(xp.sum64(v), spec, name)
+            quanta = self._per_block(v, segments, None, lambda rows: xp.cast(
+                xp.cast(xp.max(xp.abs(rows), axis=1), "float64") / spec.levels, "float32"))
+        else:
+            quanta = self._per_block(v, segments, None, lambda rows: xp.cast(
+                xp.sqrt(xp.power_sum64(rows, 2, axis=1)) / spec.levels, "float32"))
         self._check_finite(quanta, spec, name)
         quantum = self._per_entry(quanta, segments, None)
         positive = quantum > 0

@@ -306,18 +306,21 @@ class ScaledSign(Compressor):
 
 @dataclasses.dataclass(frozen=True)
 class QSGD(Compressor):
-    """QSGD (Alistarh et al.): stochastic rounding of ``|v_i| / ||v||_2`` to ``levels`` levels,
+    """QSGD (Alistarh et al.): stochastic rounding of ``|v_i| / ||v||_p`` to ``levels`` levels,
     with ``v`` each segment on its own.
 
-    ``Q(v)_i = ||v||_2 * sign(v_i) * l_i / s`` with ``l_i`` in ``{0..s}`` rounded up with probability
-    equal to the remainder, so ``E Q(v) = v``; ``omega = min(d / s^2, sqrt(d) / s)`` for the largest
-    segment of ``d`` entries. Payload: one float32 quantum ``||v||_2 / s`` per segment (so decoding
-    is one exact multiplication, which no graph optimizer can reassociate), then a sign bit and
-    ``ceil(log2(s + 1))`` level bits per entry.
+    ``Q(v)_i = ||v||_p * sign(v_i) * l_i / s`` with ``l_i`` in ``{0..s}`` rounded up with probability
+    equal to the remainder, so ``E Q(v) = v``. ``p="2"``: QSGD's norm, ``omega = min(d / s^2,
+    sqrt(d) / s)`` for the largest segment of ``d`` entries. ``p="inf"``: the b-bit quantizer of
+    double quantization (Yu, Wu, Huang, 2019) for ``s = 2^(b-1) - 1``, a grid step
+    ``delta = ||v||_inf / s``; ``omega = min(d / (4 s^2), sqrt(d) / s)``. Payload: one float32
+    quantum ``||v||_p / s`` per segment (so decoding is one exact multiplication, which no graph
+    optimizer can reassociate), then a sign bit and ``ceil(log2(s + 1))`` level bits per entry.
     """
 
     levels: int = 4
     seed: int = 0
+    p: str = "2"
 
     stochastic: ClassVar[bool] = True
     per_segment: ClassVar[bool] = True
@@ -325,6 +328,16 @@ class QSGD(Compressor):
     def __post_init__(self):
         if not (isinstance(self.levels, int) and 1 <= self.levels <= 255):
             raise ValueError(f"QSGD: levels must be an integer in [1, 255], got {self.levels!r}")
+        _check_choice("QSGD", "p", self.p, ("2", "inf"))
+
+    @classmethod
+    def bits(cls, b: int, seed: int = 0) -> "QSGD":
+        """The b-bit unbiased quantizer ``Q(b)`` of double quantization: ``2^(b-1) - 1`` levels of
+        ``||v||_inf`` each way, sign included in the ``b`` bits (``b`` in 2..9)."""
+        if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 9:
+            raise ValueError(f"QSGD.bits: b must be an integer in [2, 9] (a sign bit and "
+                             f"2^(b-1) - 1 levels), got {b!r}")
+        return cls(2 ** (b - 1) - 1, seed=seed, p="inf")
 
     def layout(self, numel, segments=None):
         segments = segment_lengths(numel, segments)
@@ -333,7 +346,8 @@ class QSGD(Compressor):
 
     def contract(self, numel, segments=None):
         d, s = _largest_block(numel, segments, None), self.levels
-        return Contract.unbiased(min(d / s ** 2, math.sqrt(d) / s))
+        per_entry = d / s ** 2 if self.p == "2" else d / (4 * s ** 2)
+        return Contract.unbiased(min(per_entry, math.sqrt(d) / s))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,8 +356,10 @@ class Ternary(Compressor):
 
     Blocks are each segment cut into ``block_size`` pieces (``None``: one block per segment). Per
     block ``b``: ``Q(v)_i = ||v_b||_p * sign(v_i) * xi_i`` with
-    ``xi_i ~ Bernoulli(|v_i| / ||v_b||_p)``, ``p`` = ``inf`` (TernGrad) or ``2``. Unbiased with ``omega = sqrt(n) - 1`` for the largest block
-    of ``n``. Payload: one float32 norm per block, then 2-bit codes (0: zero, 1: +norm, 2: -norm).
+    ``xi_i ~ Bernoulli(|v_i| / ||v_b||_p)``, ``p`` = ``inf`` (TernGrad) or ``2``. Unbiased:
+    ``E||Q(v) - v||^2 = ||v||_p ||v||_1 - ||v||_2^2``, so ``omega = sqrt(n) - 1`` for ``p = 2`` and
+    ``omega = (sqrt(n) - 1) / 2`` for ``p = inf`` (reached by one entry ``1`` and ``n - 1`` entries
+    ``1 / (sqrt(n) + 1)``), ``n`` the largest block. Payload: one float32 norm per block, then 2-bit codes (0: zero, 1: +norm, 2: -norm).
     """
 
     block_size: int | None = 256
@@ -363,7 +379,8 @@ class Ternary(Compressor):
                        Section("codes", "bits", sum(segments), width=2)))
 
     def contract(self, numel, segments=None):
-        return Contract.unbiased(math.sqrt(_largest_block(numel, segments, self.block_size)) - 1.0)
+        excess = math.sqrt(_largest_block(numel, segments, self.block_size)) - 1.0
+        return Contract.unbiased(excess if self.p == "2" else excess / 2.0)
 
 
 @dataclasses.dataclass(frozen=True)

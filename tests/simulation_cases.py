@@ -27,12 +27,14 @@ Shapes of the records (``n`` ranks, ``T`` steps):
 
 ``config`` is a dict of the wrapper's keyword arguments: ``compression`` (an algorithm),
 ``exchange`` (default ``"sharded"``), ``warmup_steps`` (default 0: those first steps are a plain
-average and the state stays zero); other keys (bucket options) only shape ``buckets``.
+average and the state stays zero), ``learning_rate`` (for an algorithm whose output is a model
+increment: a number, or a function of the step; plain steps then apply ``-lr * average``); other
+keys (bucket options) only shape ``buckets``.
 """
 import numpy as np
 
 import horovod_squeeze as hs
-from horovod_squeeze.algorithms import SERVER
+from horovod_squeeze.algorithms import MODEL_INCREMENT, SERVER
 from horovod_squeeze.exchange import make_exchange
 from horovod_squeeze.reference.simulate import init_state, simulate_step
 
@@ -91,6 +93,8 @@ def simulate(config, buckets, num_ranks, *, steps=STEPS, gradients=None):
     algorithm = config["compression"]
     exchange = make_exchange(config.get("exchange", "sharded")).name
     warmup = config.get("warmup_steps", 0)
+    rate = config.get("learning_rate")
+    learning_rate = rate if callable(rate) else lambda step: rate
     states = {index: init_state(algorithm, exchange, numel, num_ranks)
               for index, _, kind, numel in buckets if kind != UNCOMPRESSED}
     for index, _, kind, _ in buckets:
@@ -104,12 +108,15 @@ def simulate(config, buckets, num_ranks, *, steps=STEPS, gradients=None):
             grads = [np.concatenate([g.astype(np.float32).reshape(-1) for g in parts])
                      for parts in per_rank]
             assert grads[0].size == numel, f"bucket {index}: {grads[0].size} entries, not {numel}"
+            rate = learning_rate(step)
             if kind == UNCOMPRESSED or step < warmup:
                 flat = _rank_order_mean(grads)
+                if algorithm.output == MODEL_INCREMENT:  # the algorithm's uncompressed limit
+                    flat = flat * np.float32(-rate)
             else:
                 flat, states[index] = simulate_step(
                     algorithm, exchange, grads, states[index], step=step, bucket=index,
-                    sizes=[g.size for g in per_rank[0]])
+                    sizes=[g.size for g in per_rank[0]], learning_rate=rate)
             offset = 0
             for n, g in zip(names, per_rank[0]):
                 applied[n] = flat[offset:offset + g.size].reshape(g.shape)

@@ -57,7 +57,15 @@ ALGORITHMS = [
     hs.ServerFeedback(hs.ToContractive(hs.QSGD(4))),
     hs.ServerFeedback(hs.RandK(0.3, unbiased=True), server=hs.TopK(0.5)),
     hs.ServerFeedback(hs.QSGD(4, seed=2), server=hs.ScaledSign(block_size=64)),
+    hs.DORE(hs.Ternary(block_size=64)),
+    hs.DORE(hs.QSGD(4), server=hs.Ternary(), alpha=0.05, beta=0.5, eta=0.2),
+    hs.DORE(hs.ScaledSign(), alpha=1.0, eta=1.0),
+    hs.DORE(hs.RandK(0.3, seed=1, unbiased=True), server=hs.FP16(), alpha=0.2, eta=1.0),
+    hs.DoubleQuantization(b=4, b_x=8),
+    hs.DoubleQuantization(b=2, b_x=6, seed=3),
 ]
+# What model-increment algorithms read at every step: the wrapped optimizer's learning rate.
+LEARNING_RATE = 0.375
 EXCHANGES = ["sharded", "allgather", "allreduce"]
 
 
@@ -126,11 +134,12 @@ def _lossy_one_pass(algorithm, exchange):
 @pytest.mark.parametrize("num_ranks", [2, 3, 4])
 @pytest.mark.parametrize("algorithm, exchange", CASES)
 def test_engine_matches_reference_bit_for_bit(algorithm, exchange, num_ranks):
-    config = {"compression": algorithm, "exchange": exchange, **LAYOUT}
+    config = {"compression": algorithm, "exchange": exchange, "learning_rate": LEARNING_RATE,
+              **LAYOUT}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = run_engine(algorithm, num_ranks, shapes=TABLE_SHAPES, gradients=table_gradient,
-                             exchange=exchange, **LAYOUT)
+                             exchange=exchange, learning_rate=lambda: LEARNING_RATE, **LAYOUT)
     messages = {str(w.message) for w in caught}
     if _lossy_one_pass(algorithm, exchange):
         assert len(messages) == 1 and "nothing travels in a second pass" in messages.pop()
@@ -207,10 +216,13 @@ def test_table_covers_every_algorithm_exchange_and_stochastic_compressors():
     assert {type(a) for a in ALGORITHMS} == kinds  # every algorithm the package exports
     for kind in kinds:
         named = [a for a in ALGORITHMS if type(a) is kind]
-        assert any(a.server == a.default_server() for a in named)
-        assert any(a.server != a.default_server() for a in named)
         assert any(a.worker.stochastic or getattr(a.worker, "inner", a.worker).stochastic
                    for a in named)
+        if kind is hs.DoubleQuantization:  # its compressors are Q(b) and Q(b_x), by definition
+            assert len({(a.b, a.b_x) for a in named}) > 1
+            continue
+        assert any(a.server == a.default_server() for a in named)
+        assert any(a.server != a.default_server() for a in named)
         assert any(a.worker.linear for a in named)  # so each runs over allreduce too
     assert {e for _, e in (c.values for c in CASES)} == set(EXCHANGES)
 
@@ -562,3 +574,112 @@ def test_safe_compressors_do_not_warn(algorithm):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _engine(algorithm)
+
+
+# --- DORE and double quantization: their rules, and what separates them from DoubleSqueeze -----
+
+
+@pytest.mark.parametrize("algorithm, match", [
+    (hs.DORE(hs.Ternary(), alpha=0.5), r"alpha <= 1 / \(omega \+ 1\) = 0\.118 for Ternary"),
+    (hs.DORE(hs.Ternary(), eta=1.0),
+     r"model error grows unless beta <= 1 / \(omega \+ 1\) = 0\.118 or eta < 1 / sqrt\(omega\) "
+     r"= 0\.365"),
+    (hs.DORE(hs.QSGD(2), alpha=0.01, beta=0.5, eta=0.9),
+     r"eta < 1 / sqrt\(omega\) = 0\.141, for QSGD.* \(omega = 50 on 10000 entries\)"),
+], ids=repr)
+def test_dore_warns_outside_its_safe_steps(algorithm, match):
+    with pytest.warns(UserWarning, match=match):
+        _engine(algorithm)
+
+
+@pytest.mark.parametrize("algorithm", [
+    hs.DORE(hs.Ternary()),
+    hs.DORE(hs.Ternary(), eta=1.0, beta=0.1),  # the other side of the model rule
+    hs.DORE(hs.Ternary(), server=hs.ScaledSign(), eta=1.0),  # error feedback down
+    hs.DORE(hs.ScaledSign(), alpha=1.0, eta=1.0),  # EF21 up, error feedback down
+    hs.DORE(hs.Identity(), alpha=0.5, eta=1.0),  # exact: nothing to bound
+    hs.DoubleQuantization(b=4, b_x=8),
+], ids=repr)
+def test_dore_inside_its_rules_does_not_warn(algorithm):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _engine(algorithm)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"worker": hs.ScaledSign()}, r"unbiased only for an unbiased compressor.*EF21"),
+    ({"worker": hs.TopK(0.1), "alpha": 0.5}, r"unbiased only for an unbiased compressor"),
+    ({"worker": hs.Ternary(), "server": hs.ScaledSign()},
+     r"only error feedback corrects it, which needs a contractive compressor with beta=1 and "
+     r"eta=1"),
+    ({"worker": hs.Ternary(), "server": hs.ScaledSign(scale="rms"), "eta": 1.0},
+     r"ScaledSign\(scale='rms'.* is biased"),
+])
+def test_dore_refuses_biased_compressors_where_it_needs_unbiased_ones(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _engine(hs.DORE(**kwargs))
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: hs.DORE(hs.Ternary(), alpha=0.0), ValueError, r"alpha must be in \(0, 1\]"),
+    (lambda: hs.DORE(hs.Ternary(), beta=1.5), ValueError, r"beta must be in \(0, 1\]"),
+    (lambda: hs.DORE(hs.Ternary(), eta=-0.1), ValueError, r"eta must be in \[0, 1\]"),
+    (lambda: hs.DORE(hs.Ternary(), alpha="0.1"), ValueError, "alpha must be"),
+    (lambda: hs.DoubleQuantization(b=1), ValueError, r"b must be an integer in \[2, 9\]"),
+    (lambda: hs.DoubleQuantization(b=4, b_x=16), ValueError, r"b must be an integer in \[2, 9\]"),
+    (lambda: hs.DoubleQuantization(4, 8), TypeError, "pass them by keyword"),
+])
+def test_dore_and_double_quantization_refuse_impossible_parameters(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_double_quantization_uses_the_papers_quantizers():
+    algorithm = hs.DoubleQuantization(b=3, b_x=6, seed=2)
+    assert algorithm.worker == hs.QSGD(3, seed=2, p="inf")  # 2^(3-1) - 1 levels
+    assert algorithm.server == hs.QSGD(31, seed=2, p="inf")
+    assert algorithm.worker.layout(100)["codes"].width == 3
+    assert algorithm.server.layout(100)["codes"].width == 6
+    assert {s.name: (s.placement, s.units) for s in algorithm.state()} == {
+        "model_error": (SERVER, MODEL)}
+
+
+def _least_squares(num_workers, dim, seed=0):
+    """Heterogeneous ridge regression: worker i's data is centred at 3 i, so the local gradients
+    at the optimum differ (they only sum to zero). Returns the full local gradients and x*."""
+    rng = np.random.default_rng(seed)
+    rows = 2 * dim
+    a = [rng.standard_normal((rows, dim)) / np.sqrt(rows) for _ in range(num_workers)]
+    b = [rng.standard_normal(rows) + 3 * i for i in range(num_workers)]
+    ridge = 0.1
+    hessian = sum(m.T @ m for m in a) / num_workers + ridge * np.eye(dim)
+    optimum = np.linalg.solve(hessian, sum(m.T @ v for m, v in zip(a, b)) / num_workers)
+
+    def gradient(i, x):
+        return (a[i].T @ (a[i] @ x - b[i]) + ridge * x).astype(np.float32)
+
+    return gradient, optimum, 1 / np.linalg.eigvalsh(hessian).max()
+
+
+@pytest.mark.parametrize("exchange", ["sharded", "allgather"])
+def test_dore_converges_to_the_exact_optimum_where_double_squeeze_cannot(exchange):
+    # Full gradients, ternary both ways: DORE's compressed quantities vanish at the optimum, so it
+    # goes on converging linearly to float32's floor; error feedback's residuals stay as large as
+    # the local gradients' disagreement there.
+    num_workers, dim, steps = 4, 120, 400
+    gradient, optimum, lr = _least_squares(num_workers, dim)
+
+    def distance(algorithm):
+        x = np.zeros(dim, np.float32)
+        state = init_state(algorithm, exchange, dim, num_workers)
+        for step in range(steps):
+            out, state = simulate_step(algorithm, exchange,
+                                       [gradient(i, x) for i in range(num_workers)], state,
+                                       step=step, learning_rate=lr)
+            x = x + out if algorithm.output == MODEL_INCREMENT else x - np.float32(lr) * out
+        return np.linalg.norm(x - optimum) / np.linalg.norm(optimum)
+
+    dore = distance(hs.DORE(hs.Ternary(block_size=64)))
+    assert dore < 1e-5
+    assert distance(hs.ErrorFeedback(hs.ToContractive(hs.Ternary(block_size=64)))) > 1e3 * dore
+    assert distance(hs.DoubleQuantization(b=4, b_x=8)) > 1e3 * dore  # no shift: SGD's noise floor

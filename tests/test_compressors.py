@@ -28,6 +28,8 @@ SPECS = [
     hs.QSGD(1),
     hs.QSGD(4),
     hs.QSGD(127, seed=3),
+    hs.QSGD(3, p="inf"),
+    hs.QSGD.bits(8, seed=5),
     hs.Ternary(),
     hs.Ternary(block_size=None, p="2"),
     hs.Natural(),
@@ -362,7 +364,13 @@ def test_segmented_contracts_come_from_the_largest_block():
     assert hs.ScaledSign().contract(1003, segments).delta == approx(1 / 990)
     assert hs.ScaledSign(block_size=64).contract(1003, segments).delta == approx(1 / 64)
     assert hs.QSGD(4).contract(1003, segments).omega == approx(min(990 / 16, np.sqrt(990) / 4))
-    assert hs.Ternary(block_size=None).contract(1003, segments).omega == approx(np.sqrt(990) - 1)
+    assert hs.Ternary(block_size=None).contract(1003, segments).omega == \
+        approx((np.sqrt(990) - 1) / 2)
+    assert hs.Ternary(block_size=None, p="2").contract(1003, segments).omega == \
+        approx(np.sqrt(990) - 1)
+    assert hs.QSGD(4, p="inf").contract(1003, segments).omega == \
+        approx(min(990 / 64, np.sqrt(990) / 4))
+    assert hs.QSGD(127, p="inf").contract(1003, segments).omega == approx(990 / (4 * 127 ** 2))
     assert hs.TopK(0.01).contract(1003, segments).delta == approx(10 / 1000)  # real entries
     assert hs.ToContractive(hs.QSGD(4)).contract(1003, segments).delta == \
         approx(1 / (min(990 / 16, np.sqrt(990) / 4) + 1))
@@ -507,6 +515,37 @@ def test_unbiased_compressors_are_unbiased(spec, segments):
     omega = spec.contract(x.size, segments).omega
     # E||mean - x||^2 <= omega ||x||^2 / trials; five times that is a wide, deterministic margin.
     assert np.sum((mean - x) ** 2) <= 5 * omega * np.sum(x.astype(np.float64) ** 2) / trials
+
+
+@pytest.mark.parametrize("p", ["inf", "2"])
+def test_ternary_omega_is_reached(p):
+    # The worst vector of a block of n: one entry 1, the others 1 / (sqrt(n) + 1) for p = inf
+    # (sqrt(n) - 1 / ... for p = 2 the worst is all entries equal: omega = sqrt(n) - 1).
+    n, trials = 64, 4000
+    spec = hs.Ternary(block_size=n, p=p, seed=1)
+    if p == "inf":
+        x = np.full(n, 1 / (np.sqrt(n) + 1), np.float32)
+        x[0] = 1
+    else:
+        x = np.ones(n, np.float32)
+    errors = [np.sum((reference.decompress(spec, reference.compress(spec, x, nonce=t), n)
+                      - x.astype(np.float64)) ** 2) for t in range(trials)]
+    ratio = np.mean(errors) / np.sum(x.astype(np.float64) ** 2)
+    assert ratio == pytest.approx(spec.contract(n).omega, rel=0.05)
+
+
+def test_qsgd_bits_is_the_b_bit_quantizer_of_double_quantization():
+    spec = hs.QSGD.bits(4)
+    assert spec == hs.QSGD(7, p="inf") and spec.layout(1000)["codes"].width == 4
+    x = np.array([0.5, -1.0, 0.25, 0.0], np.float32)
+    # delta = ||x||_inf / 7: every entry lands on a multiple of delta, next to its value.
+    for nonce in range(20):
+        q = reference.decompress(spec, reference.compress(spec, x, nonce=nonce), 4)
+        levels = q * 7
+        np.testing.assert_allclose(levels, np.round(levels), atol=1e-5)
+        assert np.all(np.abs(q - x) <= 1 / 7 + 1e-6) and q[1] == -1.0 and q[3] == 0.0
+    with pytest.raises(ValueError, match="b must be an integer in"):
+        hs.QSGD.bits(1)
 
 
 def test_contractive_scaling_turns_unbiased_into_contractive():

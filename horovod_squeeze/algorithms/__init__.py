@@ -4,14 +4,16 @@ See :mod:`horovod_squeeze.algorithms.base` for the protocol (named state, a work
 stage, the output) and each module for its paper's update rule.
 """
 from horovod_squeeze.algorithms.base import (
-    AVERAGED_GRADIENT, GRADIENT, MODEL, MODEL_INCREMENT, SERVER, WORKER, Algorithm, ServerOut,
+    AVERAGED_GRADIENT, GRADIENT, MODEL, MODEL_INCREMENT, MOMENT, SERVER, WORKER, Algorithm, ServerOut,
     StageContext, StateSpec, WorkerOut, compensate, mean,
 )
+from horovod_squeeze.algorithms.dore import DORE
+from horovod_squeeze.algorithms.double_quantization import DoubleQuantization
 from horovod_squeeze.algorithms.double_squeeze import DoubleSqueeze
 from horovod_squeeze.algorithms.error_feedback import ErrorFeedback
 from horovod_squeeze.algorithms.no_feedback import NoFeedback
 from horovod_squeeze.algorithms.server_feedback import ServerFeedback
 
-__all__ = ["Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback", "ServerFeedback", "StateSpec",
-           "StageContext", "WorkerOut", "ServerOut", "compensate", "mean", "WORKER", "SERVER",
-           "GRADIENT", "MODEL", "AVERAGED_GRADIENT", "MODEL_INCREMENT"]
+__all__ = ["Algorithm", "DORE", "DoubleQuantization", "DoubleSqueeze", "ErrorFeedback", "NoFeedback",
+           "ServerFeedback", "StateSpec", "StageContext", "WorkerOut", "ServerOut", "compensate", "mean", "WORKER", "SERVER",
+           "GRADIENT", "MODEL", "MOMENT", "AVERAGED_GRADIENT", "MODEL_INCREMENT"]

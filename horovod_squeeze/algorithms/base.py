@@ -38,7 +38,8 @@ Tensor = Any
 #: Placements: one tensor per rank, or one per server shard (replicated without a server).
 WORKER, SERVER = "worker", "server"
 #: Units of a state tensor: gradient-units residuals (rescaled when the learning rate changes),
-#: model units, and an optimizer's moment (kept as is, as the wrapped optimizer keeps its own).
+#: model units, and a running estimate of the gradient (an optimizer's moment, a learned shift:
+#: kept as is, as the wrapped optimizer keeps its own).
 GRADIENT, MODEL, MOMENT = "gradient", "model", "moment"
 #: What an algorithm's output is.
 AVERAGED_GRADIENT, MODEL_INCREMENT = "averaged gradient", "model increment"

@@ -168,8 +168,13 @@ def _scaled_sign(spec, v, segments, nonce, name):
 
 
 def _qsgd(spec, v, segments, nonce, name):
-    quanta = np.array([np.float32(np.sqrt(np.sum(segment.astype(np.float64) ** 2)) / spec.levels)
-                       for segment in _split(v, segments)], dtype=np.float32)
+    if spec.p == "inf":
+        _check_finite(np.sum(v, dtype=np.float64), spec, name)
+        norms = [np.float64(np.max(np.abs(segment))) for segment in _split(v, segments)]
+    else:
+        norms = [np.sqrt(np.sum(segment.astype(np.float64) ** 2))
+                 for segment in _split(v, segments)]
+    quanta = np.array([np.float32(norm / spec.levels) for norm in norms], dtype=np.float32)
     _check_finite(quanta, spec, name)
     quantum = _spread(quanta, segments)
     ratio = np.abs(v) / np.where(quantum > 0, quantum, np.float32(1))

@@ -20,11 +20,13 @@ tensor covers the (padded) bucket, a server tensor its shard.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import numpy as np
 
 from horovod_squeeze import reference
+from horovod_squeeze.algorithms import MODEL_INCREMENT
 from horovod_squeeze.exchange import PASS1, PASS2, shard_numel, stage_nonce
 
 __all__ = ["init_state", "simulate_step"]
@@ -54,15 +56,23 @@ def _segments_within(sizes, first: int, last: int) -> tuple[int, ...]:
 
 
 def simulate_step(algorithm, exchange: str, gradients: list[np.ndarray], state: dict, *,
-                  step: int, bucket: int = 0, sizes=None) -> tuple[np.ndarray, dict]:
+                  step: int, bucket: int = 0, sizes=None,
+                  learning_rate: float | None = None) -> tuple[np.ndarray, dict]:
     """One synchronous step: what every worker applies, and the new state.
 
     ``sizes``: the entries of the bucket's tensors, in order (default: one tensor, the bucket).
+    ``learning_rate``: the step's, for an algorithm whose output is a model increment.
     """
     if exchange not in ("sharded", "allgather", "allreduce"):
         raise ValueError(f"unknown exchange {exchange!r}")
-    update = importlib.import_module(
-        f"horovod_squeeze.reference.{type(algorithm).__module__.rsplit('.', 1)[-1]}").step
+    module = importlib.import_module(
+        f"horovod_squeeze.reference.{type(algorithm).__module__.rsplit('.', 1)[-1]}")
+    if algorithm.output == MODEL_INCREMENT:
+        if learning_rate is None:
+            raise ValueError(f"{algorithm!r} outputs a model increment: pass learning_rate")
+        update = functools.partial(module.step, learning_rate=learning_rate)
+    else:
+        update = module.step
     n, numel = len(gradients), gradients[0].size
     sizes = [numel] if sizes is None else [int(size) for size in sizes]
     if sum(sizes) != numel:
