@@ -31,13 +31,14 @@ def _numpy(saved):
         for name, entry in saved["state"].items()}}
 
 
-def train(num_ranks, *, steps, start=0, saved=None, algorithm=ALGORITHM, exchange="sharded"):
+def train(num_ranks, *, steps, start=0, saved=None, algorithm=ALGORITHM, exchange="sharded",
+          learning_rate=None):
     """Per rank: ``(records, gathered)`` after restoring ``saved`` (if given) and running steps
     ``start .. start + steps - 1``; each record has the applied gradients and the live state."""
 
     def body(comm):
         engine = SqueezeEngine(algorithm, list(SHAPES.items()), collectives=comm,
-                               exchange=exchange, **LAYOUT)
+                               exchange=exchange, learning_rate=learning_rate, **LAYOUT)
         if saved is not None:
             assert squeeze_state.restore(engine, saved)
         records = [{"applied": None, "state": _live(engine)}]  # what was restored
@@ -165,6 +166,36 @@ def test_restore_at_another_size_preserves_worker_sums_and_server_state(old, new
     # Training goes on at the new size.
     continued = train(new, steps=2, start=3, saved=saved, exchange=exchange)
     assert all(np.all(np.isfinite(r[0][-1]["applied"]["head/out:0"])) for r in continued)
+
+
+DORE = hs.DORE(hs.Ternary(block_size=64))
+
+
+@pytest.mark.parametrize("exchange", ["sharded", "allgather"])
+def test_dore_state_restores_bitwise_and_keeps_the_mean_shift_at_another_size(exchange):
+    run = {"algorithm": DORE, "exchange": exchange, "learning_rate": lambda: 0.05}
+    uninterrupted = train(3, steps=5, **run)
+    saved = train(3, steps=3, **run)[0][1]
+    assert {n: (e["placement"], e["units"]) for n, e in saved["state"].items()} == {
+        "worker_shift": ("worker", "moment"), "server_shift": ("server", "moment"),
+        "model_error": ("server", "model")}
+    resumed = train(3, steps=2, start=3, saved=saved, **run)
+    for rank in range(3):
+        _assert_same_records(resumed[rank][0], uninterrupted[rank][0][3:])
+    # At another size every rank starts from the mean shift, which is the server's shift h
+    # (h = mean_i h_i holds at every step), and the server state is re-sharded unchanged.
+    again = train(2, steps=0, saved=saved, **run)[0][1]
+    for param, shifts in saved["state"]["worker_shift"]["tensors"].items():
+        server = saved["state"]["server_shift"]["tensors"][param]
+        np.testing.assert_allclose(shifts.mean(axis=0), server, rtol=1e-5, atol=1e-6)
+        assert np.any(shifts[0] != shifts[1])
+        for rank in range(2):
+            np.testing.assert_array_equal(again["state"]["worker_shift"]["tensors"][param][rank],
+                                          shifts.mean(axis=0))
+    for name in ("server_shift", "model_error"):
+        for param, before in saved["state"][name]["tensors"].items():
+            assert np.any(before != 0)
+            np.testing.assert_array_equal(again["state"][name]["tensors"][param], before)
 
 
 def test_serialize_round_trip_keeps_names_with_slashes_and_colons():

@@ -49,6 +49,21 @@ def test_state_norms_cover_every_parameter_and_state_name():
     assert state_norms(no_state, {0: {}}, rank=0) == {"big": {}}
 
 
+def test_dore_reports_the_norms_of_its_shifts_and_model_error():
+    plan = Plan(hs.DORE(hs.Ternary()), [("big", (2000,))], 4, EngineOptions(exchange="sharded"))
+    layout = plan.state_layout(plan.buckets[0])
+    # Shards of 504 (whole bytes of bits); the worker's covers every shard.
+    assert layout == {"worker_shift": 2016, "server_shift": 504, "model_error": 504}
+    state = {0: {"worker_shift": np.full(2016, 1.0, np.float32),
+                 "server_shift": np.full(504, 2.0, np.float32),
+                 "model_error": np.full(504, 3.0, np.float32)}}
+    # Rank 1 owns entries 504..1007: h and e over that part only; h_i over the real entries.
+    assert state_norms(plan, state, rank=1) == {"big": {
+        "worker_shift": pytest.approx(np.sqrt(2000)),
+        "server_shift": pytest.approx(2 * np.sqrt(504)),
+        "model_error": pytest.approx(3 * np.sqrt(504))}}
+
+
 def test_step_bytes_plain_or_compressed():
     algorithm = hs.DoubleSqueeze(hs.ScaledSign())
     plan = Plan(algorithm, [("w", (4000,)), ("bias", (10,))], 4)
@@ -135,6 +150,8 @@ class _Counting:
     (hs.ErrorFeedback(hs.ScaledSign(), server=hs.TopK(0.1)), "sharded"),
     (hs.NoFeedback(hs.QSGD(4)), "allgather"),
     (hs.DoubleSqueeze(hs.RandK(0.1)), "allreduce"),
+    (hs.DORE(hs.Ternary()), "sharded"),
+    (hs.DoubleQuantization(b=4, b_x=8), "sharded"),
 ], ids=str)
 def test_step_stats_bytes_are_what_the_collectives_carried(algorithm, exchange):
     shapes = [("w1", (300, 7)), ("w2", (999,)), ("bias", (30,))]
@@ -143,7 +160,8 @@ def test_step_stats_bytes_are_what_the_collectives_carried(algorithm, exchange):
     def body(comm):
         counting = _Counting(comm)
         engine = SqueezeEngine(algorithm, shapes, collectives=counting, exchange=exchange,
-                               bucket_cap_mb=0.005, min_compress_numel=100, warmup_steps=warmup)
+                               bucket_cap_mb=0.005, min_compress_numel=100, warmup_steps=warmup,
+                               learning_rate=lambda: 0.1)  # read by model-increment algorithms
         stats = []
         for step in range(2):
             counting.sent, counting.received = {}, {}
