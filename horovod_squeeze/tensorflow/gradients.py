@@ -5,10 +5,15 @@ calling ``self._allreduce_grads(grads, vars)``. :class:`SqueezeGradients` has th
 sends the gradients through a :class:`~horovod_squeeze.tensorflow.engine.SqueezeEngine` instead,
 keyed by the variables: one engine per list of variables, built on first use (outside any graph
 being traced) and reused on every later call and retrace.
+
+For an algorithm whose output is a model increment, the engine gets the wrapped optimizer's learning
+rate; the Keras optimizer adds the increments to the variables, and the tape returns them as the
+gradients plain SGD steps by (``-increment / lr``).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import tensorflow as tf
 
@@ -21,13 +26,21 @@ __all__ = ["SqueezeGradients"]
 
 
 class SqueezeGradients:
-    """``(grads, vars) -> averaged grads`` through a compressed exchange (Horovod's signature)."""
+    """``(grads, vars) -> averaged grads`` through a compressed exchange (Horovod's signature).
+
+    ``learning_rate``: a zero-argument callable giving the optimizer's rate this step (a float32
+    scalar), for algorithms that update the model. With ``increment_as_gradient``, their increments
+    come back as ``-increment / learning_rate``: what plain SGD with that rate steps by.
+    """
 
     def __init__(self, algorithm: Algorithm, *, op_is_sum: bool, gradient_predivide_factor: float,
                  process_set, options: EngineOptions, on_build=None, momentum=None,
-                 momentum_source=None, momentum_scale=None):
+                 momentum_source=None, momentum_scale=None, learning_rate=None,
+                 increment_as_gradient=False):
         self.algorithm = algorithm
         self.options = options
+        self.learning_rate = learning_rate
+        self.increment_as_gradient = increment_as_gradient
         # Worker momentum (horovod_squeeze.momentum), and for each, variables -> (variable -> its
         # tensor): where the momentum starts (the optimizer's), what it is sent times.
         self.momentum = momentum
@@ -66,10 +79,11 @@ class SqueezeGradients:
                         sources[argument] = lambda name, of=of_variable: of(by_name[name])
                 engine = SqueezeEngine(self.algorithm, named, collectives=self.collectives,
                                        device=variables[0].device if variables else None,
-                                       momentum=self.momentum, **sources,
-                                       **dataclasses.asdict(self.options))
+                                       learning_rate=self.learning_rate, momentum=self.momentum,
+                                       **sources, **dataclasses.asdict(self.options))
                 self.engines[key] = engine
-                self._compiled[key] = tf.function(engine.__call__, autograph=False)
+                self._compiled[key] = tf.function(functools.partial(self._exchange, engine),
+                                                  autograph=False)
                 if self.on_build is not None:
                     self.on_build(engine)
                 pending, self._pending = self._pending, []
@@ -93,10 +107,17 @@ class SqueezeGradients:
         grads, variables = list(grads), list(variables)
         engine = self.build(variables)
         grads = [g if g is None or self.prescale == 1.0 else g * self.prescale for g in grads]
-        exchange = (self._compiled[tuple(v.ref() for v in variables)] if tf.executing_eagerly()
-                    else engine)  # eagerly, as Horovod does: run the exchange as a graph
-        averaged = exchange(grads)
-        return [a if a is None or self.postscale == 1.0 else a * self.postscale for a in averaged]
+        if tf.executing_eagerly():  # as Horovod does: run the exchange as a graph
+            return self._compiled[tuple(v.ref() for v in variables)](grads)
+        return self._exchange(engine, grads)
+
+    def _exchange(self, engine: SqueezeEngine, grads: list) -> list:
+        out = [a if a is None or self.postscale == 1.0 else a * self.postscale
+               for a in engine(grads)]
+        if not self.increment_as_gradient:
+            return out
+        rate = self.learning_rate()
+        return [a if a is None else -(a / tf.cast(rate, a.dtype)) for a in out]
 
 
 def _named_shapes(variables) -> list[tuple[str, tuple[int, ...]]]:

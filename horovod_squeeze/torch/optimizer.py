@@ -16,6 +16,7 @@ from horovod.torch.optimizer import _DistributedOptimizer
 
 from horovod_squeeze.algorithms import MODEL_INCREMENT, Algorithm
 from horovod_squeeze.compressors import Compressor
+from horovod_squeeze.model_step import check_plain_sgd
 from horovod_squeeze.momentum import (
     WorkerMomentum, adam_scale, frozen_adam_update, warmup_steps_for,
 )
@@ -62,7 +63,7 @@ class _SqueezeOptimizer(_DistributedOptimizer):
                              "use dense gradients (e.g. sparse=False in torch.nn.Embedding)")
         name = self._parameter_names[p]
         grad = p.grad if self._squeeze_prescale == 1.0 else p.grad * self._squeeze_prescale
-        if self._squeeze_worker_momentum_now():
+        if self._squeeze_worker_momentum_now() or self._squeeze.algorithm.output == MODEL_INCREMENT:
             grad = self._squeeze_with_l2(p, grad)
         self._squeeze.submit(name, grad)
         return self._squeeze_result(name), None
@@ -81,12 +82,15 @@ class _SqueezeOptimizer(_DistributedOptimizer):
 
     def _squeeze_with_l2(self, p, grad):
         """The gradient plus SGD's or Adam's L2 term ``wd * p``, which the optimizer adds before
-        its momentum (so here, before the worker momentum). AdamW decays the weights instead."""
+        its momentum (so here, before the worker momentum), and which an algorithm that updates
+        the model compresses as part of the gradient. AdamW decays the weights instead. The term
+        is divided by the postscale, so the exchange's result holds ``wd * p`` once, as the
+        wrapped optimizer would add it to Horovod's result."""
         group = self._squeeze_group_of[p]
         decoupled = self._squeeze_momentum_kind == "adam" and group["decoupled_weight_decay"]
         if not group["weight_decay"] or decoupled:
             return grad
-        return grad + group["weight_decay"] * p.detach()
+        return grad + (group["weight_decay"] / self._squeeze_postscale) * p.detach()
 
     def _squeeze_momentum_source(self, name):
         """The wrapped optimizer's momentum of ``name`` when warm-up ends (None: none yet)."""
@@ -198,6 +202,20 @@ class _SqueezeOptimizer(_DistributedOptimizer):
             squeeze_state.restore(self._squeeze, squeeze)
 
 
+#: The wrapped optimizer an algorithm that updates the model supports (horovod_squeeze.model_step).
+_PLAIN_SGD = ("torch.optim.SGD with momentum=0, nesterov=False and maximize=False in every "
+             "parameter group (weight_decay is added to the gradient before compression)")
+
+
+def _check_plain_sgd(optimizer, algorithm: Algorithm) -> None:
+    """Refuses any optimizer but plain SGD for an algorithm that takes the model step itself."""
+    settings = {key: next((group[key] for group in optimizer.param_groups if group.get(key)),
+                          False)
+                for key in ("momentum", "nesterov", "maximize")}
+    check_plain_sgd(algorithm, optimizer, is_sgd=isinstance(optimizer, torch.optim.SGD),
+                    settings=settings, plain_sgd=_PLAIN_SGD)
+
+
 def _momentum_kind(optimizer, algorithm: Algorithm, worker_momentum: bool) -> str | None:
     """Which worker momentum the wrapped optimizer gets: "sgd", "adam" or None."""
     if not worker_momentum or algorithm.output == MODEL_INCREMENT:
@@ -261,6 +279,13 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
         Same hyperparameters as fp32 training. ``False`` applies the optimizer's momentum to the
         averaged gradient instead. See :mod:`horovod_squeeze.momentum`.
 
+    An algorithm whose output is a model increment (``algorithm.output == MODEL_INCREMENT``) takes
+    the model step itself: ``step()`` adds the increment to the parameters and the wrapped
+    optimizer only gives its learning rate (one for every parameter group). It supports plain SGD
+    only: ``torch.optim.SGD`` with ``momentum=0``, ``nesterov=False`` and ``maximize=False``, its
+    ``weight_decay`` added to the gradient before compression; any other optimizer is refused with
+    a ``ValueError`` (see :mod:`horovod_squeeze.model_step`).
+
     The algorithm's state lives on the parameters' device (CUDA tensors ride Horovod's NCCL path).
 
     Example::
@@ -296,6 +321,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
         raise ValueError("backward_passes_per_step must be > 0")
     if gradient_predivide_factor != 1.0 and op != hvd.Average:
         raise ValueError("gradient_predivide_factor not supported with op != Average")
+    _check_plain_sgd(optimizer, compression)
     kind = _momentum_kind(optimizer, compression, worker_momentum)
     warmup_steps = warmup_steps_for(kind, warmup_steps)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),

@@ -13,7 +13,7 @@ import horovod.tensorflow.keras as hvd_keras
 import tensorflow as tf
 from horovod.tensorflow.compression import Compression
 
-from horovod_squeeze.algorithms import Algorithm
+from horovod_squeeze.algorithms import MODEL_INCREMENT, Algorithm
 from horovod_squeeze.compressors import Compressor
 from horovod_squeeze.momentum import (
     WorkerMomentum, adam_scale, frozen_adam_update, warmup_steps_for,
@@ -22,7 +22,9 @@ from horovod_squeeze.plan import EngineOptions, check_algorithm
 from horovod_squeeze.telemetry import StepStats
 from horovod_squeeze.tensorflow import codecs
 from horovod_squeeze.tensorflow.gradients import SqueezeGradients
-from horovod_squeeze.tensorflow.tape import _check_horovod_options
+from horovod_squeeze.tensorflow.tape import (
+    _check_horovod_options, _check_plain_sgd, _learning_rate,
+)
 
 __all__ = ["DistributedOptimizer"]
 
@@ -51,10 +53,18 @@ class _SqueezeOptimizer:
         return {} if engine is None else engine.state_norms()
 
     def update_step(self, gradient, variable):
-        """The wrapped optimizer's step; after warm-up with worker momentum, SGD's step without
-        its momentum (the exchange carried it) or Adam's frozen-variance step
+        """The wrapped optimizer's step; for an algorithm that updates the model, adding its
+        increment (a local variable's gradient, which did not go through the exchange, takes the
+        wrapped plain SGD's step); after warm-up with worker momentum, SGD's step without its
+        momentum (the exchange carried it) or Adam's frozen-variance step
         (:func:`horovod_squeeze.momentum.frozen_adam_update`)."""
         original = super(type(self), self).update_step
+        if self._squeeze.algorithm.output == MODEL_INCREMENT:
+            # Horovod keeps local variables in its aggregation helper when it has one.
+            if variable.ref() in (self._agg_helper or self)._local_vars:
+                return original(gradient, variable)
+            variable.assign_add(gradient)
+            return
         engine = self._squeeze.engine
         if self._squeeze_momentum_kind is None or engine is None:
             return original(gradient, variable)
@@ -126,6 +136,14 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
     velocity with the learning rate inside; the worker momentum starts from it divided by the
     current rate, and is in gradient units, as PyTorch's.
 
+    An algorithm whose output is a model increment takes the model step itself: the engine gets
+    the optimizer's learning rate (a schedule evaluated at ``iterations``, as ``apply_gradients``
+    does), each variable gets its increment added instead of the wrapped step, and ``iterations``
+    advances as usual. It supports plain SGD only: ``tf.keras.optimizers.SGD`` with
+    ``momentum=0``, ``nesterov=False``, no ``weight_decay`` (Keras decouples it from the gradient:
+    put an L2 term in the loss instead) and no ``clipnorm``/``clipvalue``/``global_clipnorm``;
+    any other optimizer is refused with a ``ValueError`` (see :mod:`horovod_squeeze.model_step`).
+
     Example (run with ``TF_USE_LEGACY_KERAS=1``)::
 
         import horovod.tensorflow.keras as hvd
@@ -144,6 +162,7 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
     compressed = isinstance(compression, Algorithm)
     if compressed:
         _check_horovod_options(op, gradient_predivide_factor, num_groups, groups, compression)
+        _check_plain_sgd(compression, optimizer)
     distributed = hvd_keras.DistributedOptimizer(
         optimizer, name=name, device_dense=device_dense, device_sparse=device_sparse,
         compression=Compression.none if compressed else compression,
@@ -194,7 +213,9 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
                               log_every),
         on_build=track, momentum=_worker_momentum(optimizer, kind),
         momentum_source=momentum_source if kind else None,
-        momentum_scale=momentum_scale if kind == "adam" else None)
+        momentum_scale=momentum_scale if kind == "adam" else None,
+        learning_rate=(lambda: _learning_rate(distributed))
+        if compression.output == MODEL_INCREMENT else None)
     distributed._squeeze_momentum_kind = kind
     distributed._squeeze = squeeze
     distributed._allreduce_grads = squeeze
