@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import horovod_squeeze as hs
+from horovod_squeeze.algorithms import MODEL_INCREMENT
 from horovod_squeeze.buckets import Bucket
 from horovod_squeeze.exchange import PassBytes, fp32_allreduce_bytes, make_exchange
 from horovod_squeeze.reference.simulate import init_state, simulate_step
@@ -53,12 +54,16 @@ def _run_steps(configs, mode):
         steps = []
         if mode in ("eager", "function"):
             wrappers = []
+            # An algorithm that takes the model step reads the rate of the optimizer that applies
+            # the tape's result.
+            lender = ({"optimizer": tf.keras.optimizers.SGD(1.0)}
+                      if config["compression"].output == MODEL_INCREMENT else {})
 
             def exchange(grads):
                 with tf.GradientTape() as tape:
                     # d/dv sum(v * G) = G: the exchange sees exactly the simulation's gradients.
                     loss = tf.add_n([tf.reduce_sum(v * g) for v, g in zip(variables, grads)])
-                tape = hstf.DistributedGradientTape(tape, **config)
+                tape = hstf.DistributedGradientTape(tape, **config, **lender)
                 wrappers.append(tape.squeeze)
                 return tape.gradient(loss, variables)
 
@@ -140,21 +145,28 @@ def _Recorder(variables, names):
 
 
 def _check(config, results, num_proc, mode):
-    if mode == "fit":  # the weights after each step are minus the simulated applied gradients
+    # SGD with learning rate 1: a model increment is added to the weights, and the tape returns
+    # it negated (-increment / lr) for apply_gradients to add.
+    sign = 1.0 if config["compression"].output == MODEL_INCREMENT else -1.0
+    if mode == "fit":  # the weights after each step: the simulated steps applied one by one
         from simulation_cases import simulate
         buckets = results[0]["buckets"]
-        simulated = simulate(config, buckets, num_proc)
+        simulated = simulate({"learning_rate": 1.0, **config}, buckets, num_proc)
         for rank, result in enumerate(results):
             weights = {n: np.zeros(s, np.float32) for n, s in SHAPES.items()}
             for step, (got, want) in enumerate(zip(result["steps"], simulated)):
                 for name in SHAPES:
-                    weights[name] = weights[name] - want["applied"][name]
+                    weights[name] = weights[name] + np.float32(sign) * want["applied"][name]
                     assert_close(got["weights"][name], weights[name],
                                  f"rank {rank} step {step} weights {name}")
         converted = [{"buckets": r["buckets"],
                       "steps": [{"applied": w["applied"], "state": s["state"]}
                                 for s, w in zip(r["steps"], simulated)]} for r in results]
-        check_against_simulation(config, converted, num_proc)
+        check_against_simulation({"learning_rate": 1.0, **config}, converted, num_proc)
+    elif sign > 0:
+        negated = [{**r, "steps": [{**step, "applied": {n: -a for n, a in step["applied"].items()}}
+                                   for step in r["steps"]]} for r in results]
+        check_against_simulation({"learning_rate": 1.0, **config}, negated, num_proc)
     else:
         check_against_simulation(config, results, num_proc)
 
@@ -179,6 +191,23 @@ def test_algorithms_and_exchanges_match_simulation_in_tf_function(num_proc):
     results = run_on_ranks(_run_steps, num_proc, "gloo", args=(configs, "function"), timeout=300)
     for i, config in enumerate(configs):
         _check(config, [r[i] for r in results], num_proc, "function")
+
+
+@pytest.mark.parametrize("mode", ["function", "fit"])
+@pytest.mark.parametrize("num_proc", [2, 4])
+def test_model_update_algorithms_match_simulation(num_proc, mode):
+    configs = [{"compression": hs.DORE(hs.Ternary(block_size=64)), "bucket_cap_mb": 0.005,
+                "min_compress_numel": 100},
+               {"compression": hs.DoubleQuantization(b=4, b_x=8), "exchange": "allgather"}]
+    results = run_on_ranks(_run_steps, num_proc, "gloo", args=(configs, mode), timeout=300)
+    for i, config in enumerate(configs):
+        per_rank = [r[i] for r in results]
+        _check(config, per_rank, num_proc, mode)
+        if mode == "fit":  # every rank's model, bit for bit, after every step
+            for rank in per_rank[1:]:
+                for got, want in zip(rank["steps"], per_rank[0]["steps"]):
+                    for name in SHAPES:
+                        np.testing.assert_array_equal(got["weights"][name], want["weights"][name])
 
 
 def test_mpi_controller_matches_simulation():
