@@ -41,7 +41,7 @@ def rank_data(rank):
 
 def problem():
     """The exact optimum (float64) and the learning rate, 1 / (2 L) of the mean objective (DORE's
-    step must shrink with the compressors' variance; at 1 / L it converges, ~5x slower)."""
+    step must shrink with the compressors' variance; at 1 / L it converges far more slowly)."""
     data = [rank_data(r) for r in range(RANKS)]
     hessian = sum(a.T.astype(np.float64) @ a for a, _ in data) / RANKS + RIDGE * np.eye(DIM)
     rhs = sum(a.T.astype(np.float64) @ b for a, b in data) / RANKS
