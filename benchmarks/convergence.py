@@ -54,6 +54,20 @@ CONTENDERS = {  # short name: (label, example flags)
     "ds-sign-after": ("DoubleSqueeze(ScaledSign), momentum applied after the exchange",
                       ["--algorithm", "doublesqueeze", "--compressor", "scaledsign",
                        "--no-worker-momentum"]),
+    # Algorithms that take the model step (plain SGD); every tensor compressed.
+    "dore-ternary": ("DORE(Ternary())", ["--algorithm", "dore", "--compressor", "ternary",
+                                         "--min-compress-numel", "0"]),
+    "dore-ternary-sign": ("DORE(Ternary(), server=ScaledSign(), eta=1)",
+                          ["--algorithm", "dore", "--compressor", "ternary",
+                           "--server-compressor", "scaledsign", "--eta", "1",
+                           "--min-compress-numel", "0"]),
+    "dq-4-8": ("DoubleQuantization(b=4, b_x=8)",
+               ["--algorithm", "doublequantization", "--bits", "4", "--model-bits", "8",
+                "--min-compress-numel", "0"]),
+    # Gradient-only quantization, its cheapest exchange on few ranks (no fp32 second pass).
+    "nf-q4": ("NoFeedback(QSGD.bits(4)), allgather",
+              ["--algorithm", "nofeedback", "--compressor", "qbits", "--bits", "4",
+               "--exchange", "allgather", "--min-compress-numel", "0"]),
 }
 #: What runs unless --contenders names others: the recorded runs' contenders.
 DEFAULT = ["fp32", "nf-sign", "ef-sign", "ds-sign", "ds-topk"]

@@ -9,7 +9,10 @@ from sklearn.model_selection import train_test_split
 import horovod_squeeze as hs
 
 ALGORITHMS = {"doublesqueeze": hs.DoubleSqueeze, "errorfeedback": hs.ErrorFeedback,
-              "nofeedback": hs.NoFeedback, "serverfeedback": hs.ServerFeedback}
+              "nofeedback": hs.NoFeedback, "serverfeedback": hs.ServerFeedback, "dore": hs.DORE}
+#: Algorithms that take the model step (plain SGD only) and compress unbiased quantizers as they
+#: are, not scaled to be contractive.
+MODEL_UPDATES = ("dore", "doublequantization")
 COMPRESSORS = {
     "scaledsign": lambda args: hs.ScaledSign(scale=args.scale, block_size=args.block_size),
     "topk": lambda args: hs.TopK(args.ratio, method="sampled"),
@@ -18,6 +21,7 @@ COMPRESSORS = {
     "ternary": lambda args: hs.ToContractive(hs.Ternary(seed=args.seed)),
     "natural": lambda args: hs.ToContractive(hs.Natural(seed=args.seed)),
     "fp16": lambda args: hs.FP16(),
+    "qbits": lambda args: hs.QSGD.bits(args.bits, seed=args.seed),  # unbiased, --bits b
 }
 
 
@@ -33,7 +37,9 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
                         help="apply the optimizer's momentum (adam: its moments) to the averaged "
                         "gradient instead of compressing each worker's momentum")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--algorithm", choices=["none", *ALGORITHMS], default="doublesqueeze")
+    parser.add_argument("--algorithm", choices=["none", *ALGORITHMS, "doublequantization"],
+                        default="doublesqueeze",
+                        help="dore and doublequantization take the model step: plain sgd only")
     parser.add_argument("--compressor", choices=list(COMPRESSORS), default="scaledsign",
                         help="pass 1 (worker) compressor")
     parser.add_argument("--server-compressor", choices=list(COMPRESSORS), default=None,
@@ -45,6 +51,14 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--levels", type=int, default=4, help="QSGD levels")
     parser.add_argument("--block-size", type=int, default=None, help="scaledsign: entries per scale")
     parser.add_argument("--scale", choices=["l1", "rms"], default="l1", help="scaledsign scale")
+    parser.add_argument("--alpha", type=float, default=0.1, help="dore: the shifts' step")
+    parser.add_argument("--beta", type=float, default=1.0, help="dore: the model step")
+    parser.add_argument("--eta", type=float, default=0.1, help="dore: the model error's weight")
+    parser.add_argument("--bits", type=int, default=8, help="doublequantization: b, gradients")
+    parser.add_argument("--model-bits", type=int, default=8,
+                        help="doublequantization: b_x, model changes")
+    parser.add_argument("--min-compress-numel", type=int, default=1024,
+                        help="smaller tensors are averaged uncompressed")
     parser.add_argument("--exchange", choices=["sharded", "allgather", "allreduce"],
                         default="sharded")
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0)
@@ -64,6 +78,7 @@ def learning_rate(args) -> float:
 def engine_options(args) -> dict:
     """The DistributedOptimizer options the flags give (warm-up only where named)."""
     options = {"exchange": args.exchange, "bucket_cap_mb": args.bucket_cap_mb,
+               "min_compress_numel": args.min_compress_numel,
                "worker_momentum": args.worker_momentum}
     if args.warmup_steps is not None:
         options["warmup_steps"] = args.warmup_steps
@@ -74,10 +89,19 @@ def algorithm(args):
     """The algorithm the flags name, or None for the fp32 baseline."""
     if args.algorithm == "none":
         return None
-    worker = COMPRESSORS[args.compressor](args)
+    if args.algorithm == "doublequantization":
+        return hs.DoubleQuantization(b=args.bits, b_x=args.model_bits, seed=args.seed)
+    model_update = args.algorithm in MODEL_UPDATES
+
+    def compressor(name):
+        spec = COMPRESSORS[name](args)
+        return spec.inner if model_update and isinstance(spec, hs.ToContractive) else spec
+
+    steps = {"alpha": args.alpha, "beta": args.beta, "eta": args.eta} if model_update else {}
     if args.server_compressor is None:
-        return ALGORITHMS[args.algorithm](worker)
-    return ALGORITHMS[args.algorithm](worker, server=COMPRESSORS[args.server_compressor](args))
+        return ALGORITHMS[args.algorithm](compressor(args.compressor), **steps)
+    return ALGORITHMS[args.algorithm](compressor(args.compressor),
+                                      server=compressor(args.server_compressor), **steps)
 
 
 def short_repr(spec) -> str:
@@ -126,9 +150,9 @@ def fp32_allreduce_bytes(numel, size):
     return 2 * (size - 1) * 4 * numel // size
 
 
-def report(args, accuracy, stats, numel, size, compression):
+def report(args, accuracy, stats, numel, size, compression, *, steps_per_epoch, test_losses):
     """Rank 0's closing line and, with --json, the metrics file (``compression``: the algorithm, or
-    None for the fp32 baseline)."""
+    None for the fp32 baseline; ``test_losses``: the held-out loss after each epoch)."""
     import json
 
     fp32_bytes = fp32_allreduce_bytes(numel, size)
@@ -140,5 +164,7 @@ def report(args, accuracy, stats, numel, size, compression):
         with open(args.json, "w") as f:
             json.dump({"accuracy": accuracy, "bytes_sent_per_step": sent,
                        "fp32_allreduce_bytes_per_step": fp32_bytes, "epochs": args.epochs,
+                       "steps_per_epoch": steps_per_epoch,
+                       "test_loss_per_epoch": [float(loss) for loss in test_losses],
                        "seed": args.seed, "ranks": size, "compression": label(compression),
                        "algorithm": None if compression is None else repr(compression)}, f)

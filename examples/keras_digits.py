@@ -101,15 +101,18 @@ def main():
     if args.checkpoint_dir and hvd.rank() == 0:
         callbacks.append(tf.keras.callbacks.ModelCheckpoint(
             os.path.join(args.checkpoint_dir, "epoch{epoch:03d}"), save_weights_only=True))
-    model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-              steps_per_epoch=steps_per_epoch, callbacks=callbacks,
-              verbose=1 if hvd.rank() == 0 else 0)
+    # Every rank holds the same model, so each computes the same held-out loss after each epoch.
+    history = model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
+                        steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+                        validation_data=(x_test[..., None], y_test),
+                        verbose=1 if hvd.rank() == 0 else 0)
 
     _, accuracy = model.evaluate(x_test[..., None], y_test, verbose=0)
     accuracy = float(hvd.allreduce(np.float64(accuracy), name="test_accuracy"))
     if hvd.rank() == 0:
         stats = getattr(optimizer, "compression_stats", None)
-        report(args, accuracy, stats, model.count_params(), hvd.size(), compression)
+        report(args, accuracy, stats, model.count_params(), hvd.size(), compression,
+               steps_per_epoch=steps_per_epoch, test_losses=history.history["val_loss"])
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Run on 4 local ranks with DoubleSqueeze and 1-bit scaled-sign compression:
 
 ``--optimizer adam`` or ``--momentum 0.9`` train with Adam or momentum SGD (each worker's
 momentum is what is compressed; ``--no-worker-momentum`` applies it after the exchange instead).
+``--algorithm dore`` (``--alpha``, ``--beta``, ``--eta``) and ``--algorithm doublequantization``
+(``--bits``, ``--model-bits``) take the model step themselves, with plain SGD.
 ``--server-compressor`` names pass 2's compressor (e.g. ``--algorithm errorfeedback --compressor
 topk --server-compressor scaledsign``); by default it is the algorithm's own. ``--algorithm none``
 trains with Horovod's plain fp32 allreduce, the baseline. Each rank trains on
@@ -83,6 +85,7 @@ def main():
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
         (step + 1) / steps_per_epoch, 0.5 * (1 + math.cos(math.pi * step / total_steps))))
     progress = tqdm(range(args.epochs), desc="epochs", disable=hvd.rank() != 0)
+    test_losses = []  # every rank holds the same model: each computes the same held-out loss
     for _ in progress:
         model.train()
         order = torch.randperm(len(x_train), generator=generator)
@@ -93,7 +96,10 @@ def main():
             loss.backward()
             optimizer.step()
             schedule.step()
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        model.eval()
+        with torch.no_grad():
+            test_losses.append(F.cross_entropy(model(x_test), y_test).item())
+        progress.set_postfix(loss=f"{loss.item():.4f}", test_loss=f"{test_losses[-1]:.4f}")
 
     model.eval()
     with torch.no_grad():
@@ -102,7 +108,7 @@ def main():
     stats = getattr(optimizer, "compression_stats", None)
     if hvd.rank() == 0:
         report(args, accuracy, stats, sum(p.numel() for p in model.parameters()), hvd.size(),
-               algorithm(args))
+               algorithm(args), steps_per_epoch=steps_per_epoch, test_losses=test_losses)
 
 
 if __name__ == "__main__":
