@@ -210,6 +210,13 @@ def test_model_update_algorithms_match_simulation(num_proc, mode):
                         np.testing.assert_array_equal(got["weights"][name], want["weights"][name])
 
 
+def test_model_update_algorithms_match_simulation_over_mpi():
+    config = {"compression": hs.DORE(hs.Ternary(block_size=64)), "bucket_cap_mb": 0.005,
+              "min_compress_numel": 100}
+    results = run_on_ranks(_run_steps, 2, "mpi", args=([config], "function"), timeout=240)
+    _check(config, [r[0] for r in results], 2, "function")
+
+
 def test_mpi_controller_matches_simulation():
     config = {"compression": DS_SIGN, "min_compress_numel": 100}
     results = run_on_ranks(_run_steps, 2, "mpi", args=([config], "function"), timeout=240)
