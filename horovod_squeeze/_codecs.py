@@ -302,7 +302,7 @@ class Codec:
             return block_values
         parts, first = [], 0
         for length, count in zip(segments, counts):
-            size = (length if block_size is None else block_size) or 1  # reducible rows
+            size = length if block_size is None else block_size
             spread = xp.repeat(xp.slice(block_values, first, first + count), size)
             parts.append(spread if count * size == length else xp.slice(spread, 0, length))
             first += count

@@ -207,7 +207,7 @@ _PLAIN_SGD = ("torch.optim.SGD with momentum=0, nesterov=False and maximize=Fals
              "parameter group (weight_decay is added to the gradient before compression)")
 
 
-def _check_plain_sgd(optimizer, algorithm: Algorithm) -> None:
+def _check_plain_sgd(algorithm: Algorithm, optimizer) -> None:
     """Refuses any optimizer but plain SGD for an algorithm that takes the model step itself."""
     settings = {key: next((group[key] for group in optimizer.param_groups if group.get(key)),
                           False)
@@ -321,7 +321,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
         raise ValueError("backward_passes_per_step must be > 0")
     if gradient_predivide_factor != 1.0 and op != hvd.Average:
         raise ValueError("gradient_predivide_factor not supported with op != Average")
-    _check_plain_sgd(optimizer, compression)
+    _check_plain_sgd(compression, optimizer)
     kind = _momentum_kind(optimizer, compression, worker_momentum)
     warmup_steps = warmup_steps_for(kind, warmup_steps)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
