@@ -70,6 +70,8 @@ _SCALES = {name: 10.0 ** -(i % 3) for i, name in enumerate(SHAPES)}
 
 
 ALGORITHMS = (hs.DoubleSqueeze, hs.ErrorFeedback, hs.NoFeedback, hs.ServerFeedback)
+#: What algorithms that update the model read as the optimizer's learning rate.
+LEARNING_RATE = 0.25
 
 
 def compressors():
@@ -107,6 +109,9 @@ def cases() -> list[Case]:
             hs.NoFeedback(hs.RandK(0.05, seed=7), server=hs.ScaledSign()),
         "ServerFeedback(QSGD(4), server=ScaledSign)":
             hs.ServerFeedback(hs.QSGD(4, seed=7), server=hs.ScaledSign()),
+        # Model increments (they read the engine's learning rate, LEARNING_RATE).
+        "DORE(Ternary)": hs.DORE(hs.Ternary(seed=7)),
+        "DoubleQuantization(b=4, b_x=8)": hs.DoubleQuantization(b=4, b_x=8, seed=7),
     }.items():
         for exchange in ("sharded", "allgather"):
             out.append(Case(label, algorithm, exchange))
@@ -135,7 +140,7 @@ def run_rank(comm, case: Case, device: torch.device, dtype: torch.dtype, steps: 
     """One rank's engine for ``steps`` steps: per step the applied gradients and the state (as
     float32 NumPy), and every placement problem seen."""
     engine = SqueezeEngine(case.algorithm, list(SHAPES.items()), collectives=comm, device=device,
-                           exchange=case.exchange, **options)
+                           exchange=case.exchange, learning_rate=lambda: LEARNING_RATE, **options)
     problems, records = [], []
 
     def check_state(when):
