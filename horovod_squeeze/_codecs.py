@@ -206,17 +206,22 @@ class Codec:
                           self._sections(spec, v, segments, nonce, name))
 
     def decompress(self, spec: C.Compressor, payload: Tensor, numel: int, *,
-                   name: str = "payload", segments=None) -> Tensor:
-        """A payload made by :meth:`compress` back to a flat float32 tensor of ``numel`` entries
-        (the same ``segments``; padding decodes to 0)."""
+                   name: str = "payload", segments=None, dtype: str = "float32") -> Tensor:
+        """A payload made by :meth:`compress` back to a flat tensor of ``numel`` entries (the same
+        ``segments``; padding decodes to 0), in ``dtype``: ``"float32"``, or ``"float64"``, which
+        holds every decoded value exactly."""
         self._check_spec(spec)
         segments = C.segment_lengths(numel, segments, name=name)
         layout = spec.layout(numel, segments)
-        dtype, shape = self.xp.payload_size(payload)
-        if dtype != "uint8" or shape != (layout.nbytes,):
+        kind, shape = self.xp.payload_size(payload)
+        if kind != "uint8" or shape != (layout.nbytes,):
             raise ValueError(f"{name}: {type(spec).__name__} payload for {numel} entries must be "
-                             f"a 1-D uint8 tensor of {layout.nbytes} bytes, got {dtype} {shape}")
+                             f"a 1-D uint8 tensor of {layout.nbytes} bytes, got {kind} {shape}")
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"{name}: decompress gives float32 or float64, not {dtype!r}")
         decoded = self._decode(spec, self._unpack(layout, payload), segments)
+        if dtype != "float32":
+            decoded = self.xp.cast(decoded, dtype)
         return decoded if sum(segments) == numel else self.xp.pad(decoded, numel)
 
     def split_linear(self, spec: C.Compressor, payload: Tensor, numel: int, segments=None):

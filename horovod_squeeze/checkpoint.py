@@ -73,7 +73,7 @@ def to_checkpoint(plan: Plan, gathered: dict, step: int, learning_rate=None) -> 
         for bucket in plan.buckets:
             if spec not in plan.state_specs(bucket):
                 continue
-            flat = np.asarray(gathered[bucket.index][spec.name], np.float32)
+            flat = np.asarray(gathered[bucket.index][spec.name], _precision(plan))
             rows = flat.reshape(plan.size, bucket.numel) if spec.placement == WORKER else flat
             for name, shape, start, stop in bucket.spans():
                 leading = rows.shape[:-1]
@@ -140,7 +140,7 @@ def restore(plan: Plan, saved: dict, rank: int) -> tuple[int, dict]:
             absent = [n for n in bucket.names if n not in tensors]
             if absent:
                 raise ValueError(f"the checkpoint's {name} state has no parameters {absent}")
-            live = np.zeros(layout[name], np.float32)
+            live = np.zeros(layout[name], _precision(plan))
             if spec.placement == WORKER:
                 stacked = np.concatenate([_check_shape(tensors[n], (old_size, *s), name, n)
                                           .reshape(old_size, -1)
@@ -191,8 +191,14 @@ def deserialize(blob: bytes) -> dict:
     return checkpoint
 
 
+def _precision(plan: Plan):
+    """The dtype of the plan's state: what checkpoints hold (a float32 checkpoint restores into a
+    float64 run exactly; the other way rounds)."""
+    return np.dtype(plan.precision)
+
+
 def _check_shape(array, shape, state_name: str, param: str) -> np.ndarray:
-    array = np.asarray(array, np.float32)
+    array = np.asarray(array)
     if array.shape != tuple(shape):
         raise ValueError(f"the checkpoint's {state_name} of {param!r} has shape {array.shape}, "
                          f"expected {tuple(shape)}")

@@ -74,6 +74,7 @@ class StepContext(NamedTuple):
     rank: int
     size: int
     learning_rate: Any = None
+    precision: str = "float32"  # the dtype of the bucket's arithmetic and state
 
 
 class BucketResult(NamedTuple):
@@ -226,7 +227,8 @@ class Sharded(Exchange):
         received = yield Collective("alltoall", xp.concat(payloads), "pass1", sizes)
 
         # Every rank sent this rank its compression of the same shard: n pieces of one size.
-        pieces = split_payloads(codec, algorithm.worker, received, shard, [segments[rank]] * n)
+        pieces = split_payloads(codec, algorithm.worker, received, shard, [segments[rank]] * n,
+                                ctx.precision)
         ctx_server = _stage(ctx, bucket, rank, PASS2, 0, f"shard {rank}", segments[rank])
         served = algorithm.server_stage(
             codec, pieces, {name: state[name] for name in algorithm.state_names(SERVER)},
@@ -235,7 +237,7 @@ class Sharded(Exchange):
         gathered = yield Collective("allgather", served.payload, "pass2", sizes)
 
         decoded = xp.slice(xp.concat(split_payloads(codec, algorithm.server, gathered, shard,
-                                                    segments)), 0, bucket.numel)
+                                                    segments, ctx.precision)), 0, bucket.numel)
         new_state = {name: xp.concat(parts) for name, parts in worker_state.items()}
         valid = shard_valid_numel(bucket.numel, n, rank)
         new_state.update({name: _zero_tail(xp, value, valid)
@@ -291,7 +293,7 @@ class Allgather(_Replicated):
     def gather_pieces(self, codec, algorithm, bucket, payload, ctx):
         gathered = yield Collective("allgather", payload, "pass1")
         return split_payloads(codec, algorithm.worker, gathered, bucket.numel,
-                              [tensor_segments(bucket)] * ctx.size)
+                              [tensor_segments(bucket)] * ctx.size, ctx.precision)
 
 
 class Allreduce(_Replicated):
@@ -319,7 +321,7 @@ class Allreduce(_Replicated):
         averaged = yield Collective("allreduce_average", values, "pass1")
         joined = codec.join_linear(algorithm.worker, header, averaged, bucket.numel, segments)
         return [codec.decompress(algorithm.worker, joined, bucket.numel, name=bucket.describe(),
-                                 segments=segments)]
+                                 segments=segments, dtype=ctx.precision)]
 
 
 class Plain(Exchange):
@@ -367,14 +369,15 @@ def make_exchange(exchange) -> Exchange:
 
 
 def split_payloads(codec, compressor, gathered: Tensor, numel: int,
-                   segments: list[tuple[int, ...]]) -> list[Tensor]:
-    """The payloads packed back to back in ``gathered`` (rank order), decoded: piece r is a vector
-    of ``numel`` entries in ``segments[r]``, its size ``payload_nbytes(numel, segments[r])``."""
+                   segments: list[tuple[int, ...]], dtype: str = "float32") -> list[Tensor]:
+    """The payloads packed back to back in ``gathered`` (rank order), decoded to ``dtype``: piece r
+    is a vector of ``numel`` entries in ``segments[r]``, its size
+    ``payload_nbytes(numel, segments[r])``."""
     pieces, start = [], 0
     for piece_segments in segments:
         stop = start + compressor.payload_nbytes(numel, piece_segments)
         pieces.append(codec.decompress(compressor, codec.xp.slice(gathered, start, stop), numel,
-                                       segments=piece_segments))
+                                       segments=piece_segments, dtype=dtype))
         start = stop
     return pieces
 
@@ -383,7 +386,8 @@ def _stage(ctx: StepContext, bucket, shard: int, stage: int, stream_rank: int, w
            segments: tuple[int, ...]) -> StageContext:
     name = f"{bucket.describe()} {where}".rstrip()
     return StageContext(stage_nonce(ctx.step, bucket.index, shard, stage, stream_rank), name,
-                        step=ctx.step, learning_rate=ctx.learning_rate, segments=segments)
+                        step=ctx.step, learning_rate=ctx.learning_rate, segments=segments,
+                        precision=ctx.precision)
 
 
 def _zero_tail(xp, x: Tensor, valid: int) -> Tensor:

@@ -3,11 +3,11 @@
 :class:`FakeWorld` gives each rank a :class:`FakeCollectives` with the interface the exchange driver
 uses (``rank``, ``size``, ``launch``, ``wait``). Collectives are matched across ranks by name, as
 Horovod matches them, and computed in NumPy in rank order: ``alltoall`` (split along dim 0, equally
-or by ``splits``), ``allgather`` (concatenation) and ``allreduce_average`` (the float32 mean, summed
-in rank order). ``splits`` must be the same list on every rank and match the tensors, as
-:class:`~horovod_squeeze.exchange.Collective` describes it; a mismatch raises, naming the rank.
-Results come back as the framework's tensors on the input's device. A rank whose peers never
-join a collective gets :class:`FakeTimeout` naming it, never a hang.
+or by ``splits``), ``allgather`` (concatenation) and ``allreduce_average`` (the mean in float32, or
+float64 for float64 tensors, summed in rank order). ``splits`` must be the same list on every rank
+and match the tensors, as :class:`~horovod_squeeze.exchange.Collective` describes it; a mismatch
+raises, naming the rank. Results come back as the framework's tensors on the input's device. A rank
+whose peers never join a collective gets :class:`FakeTimeout` naming it, never a hang.
 
 Example::
 
@@ -119,10 +119,11 @@ def _compute(op: str, inputs: list[np.ndarray], splits):
     if op == "allgather":
         return np.concatenate(inputs)
     if op == "allreduce_average":
-        total = inputs[0].astype(np.float32)
+        wide = np.float64 if inputs[0].dtype == np.float64 else np.float32
+        total = inputs[0].astype(wide)
         for piece in inputs[1:]:
             total = total + piece
-        return (total / np.float32(len(inputs))).astype(inputs[0].dtype)
+        return (total / wide(len(inputs))).astype(inputs[0].dtype)
     # alltoall: pieces[sender][receiver]
     cuts = len(inputs) if splits is None else np.cumsum(splits)[:-1]
     pieces = [np.split(x, cuts) for x in inputs]

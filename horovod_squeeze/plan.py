@@ -20,7 +20,7 @@ from horovod_squeeze.exchange import (
 )
 from horovod_squeeze.momentum import WorkerMomentum
 
-__all__ = ["EngineOptions", "Plan", "check_algorithm"]
+__all__ = ["EngineOptions", "Plan", "PRECISIONS", "check_algorithm", "working_precision"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,11 @@ class EngineOptions:
       min_compress_numel: tensors with fewer entries are averaged uncompressed, in one bucket.
       warmup_steps: the first steps are averaged uncompressed (the state stays zero).
       log_every: rank 0 logs bytes and timings every this many steps (0: never).
+      precision: ``"float32"`` or ``"float64"``, the dtype of the algorithm's arithmetic and state
+        and of the uncompressed average. Payloads do not change: a compressor's scales travel in
+        float32, and what it decodes is exact in float64. ``None`` (the wrappers' default): float64
+        when every parameter is float64 (:func:`working_precision`), so a float64 model keeps
+        float64 residuals and reaches float64's accuracy; an engine built directly takes float32.
     """
 
     exchange: str | Exchange = "sharded"
@@ -41,6 +46,7 @@ class EngineOptions:
     min_compress_numel: int = 1024
     warmup_steps: int = 0
     log_every: int = 0
+    precision: str | None = None
 
     def __post_init__(self):
         for field in ("min_compress_numel", "warmup_steps", "log_every"):
@@ -49,7 +55,21 @@ class EngineOptions:
                 raise ValueError(f"{field} must be an integer >= 0, got {value!r}")
         if not (isinstance(self.bucket_cap_mb, (int, float)) and self.bucket_cap_mb > 0):
             raise ValueError(f"bucket_cap_mb must be positive, got {self.bucket_cap_mb!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} or None, "
+                             f"got {self.precision!r}")
         make_exchange(self.exchange)
+
+
+#: The working precisions an engine computes in.
+PRECISIONS = ("float32", "float64")
+
+
+def working_precision(dtype_names) -> str:
+    """The precision for parameters of these dtypes (names such as ``"float64"``): float64 when
+    every one is float64, else float32 (float16 and bfloat16 models keep float32 residuals)."""
+    names = [str(name).rsplit(".", 1)[-1] for name in dtype_names]
+    return "float64" if names and all(name == "float64" for name in names) else "float32"
 
 
 def check_algorithm(algorithm) -> Algorithm:
@@ -87,6 +107,8 @@ class Plan:
             named_shapes, self.exchange, bucket_cap_mb=options.bucket_cap_mb,
             min_compress_numel=options.min_compress_numel)
         self.numel = sum(b.numel for b in self.buckets)
+        #: The dtype name of the state and arithmetic: ``"float32"`` or ``"float64"``.
+        self.precision = options.precision or "float32"
 
     def state_specs(self, bucket: Bucket | None = None) -> tuple[StateSpec, ...]:
         """The state ``bucket`` keeps (every bucket's, without one): the worker momentum's, in
@@ -129,7 +151,7 @@ class Plan:
             learning_rate=None, momentum_scale=None):
         """The bucket's step as an exchange generator (see :mod:`horovod_squeeze.driver`): the
         worker momentum (after warm-up; times ``momentum_scale`` if given), then the exchange."""
-        context = StepContext(step, rank, self.size, learning_rate)
+        context = StepContext(step, rank, self.size, learning_rate, self.precision)
         exchange = self.exchange_of(bucket, warm)
         if self.momentum is None or warm:
             return exchange.run(codec, self.algorithm, bucket, flat, state, context)

@@ -28,8 +28,9 @@ Shapes of the records (``n`` ranks, ``T`` steps):
 ``config`` is a dict of the wrapper's keyword arguments: ``compression`` (an algorithm),
 ``exchange`` (default ``"sharded"``), ``warmup_steps`` (default 0: those first steps are a plain
 average and the state stays zero), ``learning_rate`` (for an algorithm whose output is a model
-increment: a number, or a function of the step; plain steps then apply ``-lr * average``); other
-keys (bucket options) only shape ``buckets``.
+increment: a number, or a function of the step; plain steps then apply ``-lr * average``),
+``precision`` (``"float32"``, the default, or ``"float64"``: the dtype gradients, state and
+arithmetic are simulated in); other keys (bucket options) only shape ``buckets``.
 """
 import numpy as np
 
@@ -66,7 +67,8 @@ def gradient(name, rank, step):
 
 
 def _rank_order_mean(arrays):
-    """The plain average as the collectives compute it: float32, summed in rank order."""
+    """The plain average as the collectives compute it: in the arrays' precision, summed in rank
+    order."""
     total = arrays[0]
     for array in arrays[1:]:
         total = total + array
@@ -87,7 +89,8 @@ def simulate(config, buckets, num_ranks, *, steps=STEPS, gradients=None):
     """Per step, what every rank applies and every rank's state, from the NumPy simulation.
 
     ``gradients(name, rank, step)`` gives the per-rank gradients (default :func:`gradient`); they
-    are simulated in float32 and the applied values have the gradient's shape, in float32.
+    are simulated in the config's precision (float32 by default) and the applied values have the
+    gradient's shape, in that precision.
     """
     gradients = gradient if gradients is None else gradients
     algorithm = config["compression"]
@@ -95,7 +98,9 @@ def simulate(config, buckets, num_ranks, *, steps=STEPS, gradients=None):
     warmup = config.get("warmup_steps", 0)
     rate = config.get("learning_rate")
     learning_rate = rate if callable(rate) else lambda step: rate
-    states = {index: init_state(algorithm, exchange, numel, num_ranks)
+    precision = config.get("precision", "float32")
+    real = np.dtype(precision).type
+    states = {index: init_state(algorithm, exchange, numel, num_ranks, precision)
               for index, _, kind, numel in buckets if kind != UNCOMPRESSED}
     for index, _, kind, _ in buckets:
         assert kind in (exchange, UNCOMPRESSED), f"bucket {index} travels by {kind!r}"
@@ -105,18 +110,19 @@ def simulate(config, buckets, num_ranks, *, steps=STEPS, gradients=None):
         for index, names, kind, numel in buckets:
             per_rank = [[np.asarray(gradients(n, r, step)) for n in names]
                         for r in range(num_ranks)]
-            grads = [np.concatenate([g.astype(np.float32).reshape(-1) for g in parts])
+            grads = [np.concatenate([g.astype(precision).reshape(-1) for g in parts])
                      for parts in per_rank]
             assert grads[0].size == numel, f"bucket {index}: {grads[0].size} entries, not {numel}"
             rate = learning_rate(step)
             if kind == UNCOMPRESSED or step < warmup:
                 flat = _rank_order_mean(grads)
                 if algorithm.output == MODEL_INCREMENT:  # the algorithm's uncompressed limit
-                    flat = flat * np.float32(-rate)
+                    flat = flat * real(-rate)
             else:
                 flat, states[index] = simulate_step(
                     algorithm, exchange, grads, states[index], step=step, bucket=index,
-                    sizes=[g.size for g in per_rank[0]], learning_rate=rate)
+                    sizes=[g.size for g in per_rank[0]], learning_rate=rate,
+                    precision=precision)
             offset = 0
             for n, g in zip(names, per_rank[0]):
                 applied[n] = flat[offset:offset + g.size].reshape(g.shape)

@@ -99,7 +99,8 @@ def table_gradient(name, rank, step):
 def run_engine(algorithm, num_ranks, *, steps=STEPS, shapes=SHAPES, gradients=gradient,
                dtype=torch.float32, learning_rate=None, **options):
     """Runs the engine on ``num_ranks`` in-process ranks; per rank, the records of
-    :mod:`simulation_cases` (applied values upcast to float32) and the engine's output dtypes."""
+    :mod:`simulation_cases` (applied values upcast to float64, exactly) and the engine's output
+    dtypes."""
 
     def body(comm):
         engine = SqueezeEngine(algorithm, list(shapes.items()), collectives=comm,
@@ -113,7 +114,7 @@ def run_engine(algorithm, num_ranks, *, steps=STEPS, shapes=SHAPES, gradients=gr
                 out = engine.result(name)
                 assert out.shape == torch.Size(shape)
                 dtypes.add(out.dtype)
-                applied[name] = out.float().numpy().copy()
+                applied[name] = out.double().numpy().copy()
             records.append({"applied": applied,
                             "state": {i: {n: t.numpy().copy() for n, t in s.items()}
                                       for i, s in engine.state.items()}})
@@ -341,6 +342,120 @@ def test_low_precision_gradients_are_computed_in_float32(dtype, algorithm, excha
         if algorithm.state():
             state = result["steps"][-1]["state"][0]["worker_residual"]
             assert np.any(torch.from_numpy(state).to(dtype).float().numpy() != state)
+
+
+# Each kind of state and every exchange, for float64 models.
+FLOAT64_CASES = [
+    pytest.param(hs.DORE(hs.Ternary(block_size=64)), "sharded", id="DORE-sharded"),
+    pytest.param(hs.DORE(hs.QSGD(4), server=hs.Ternary(), eta=0.2), "allgather",
+                 id="DORE-allgather"),
+    pytest.param(hs.DoubleQuantization(b=4, b_x=8), "sharded", id="DoubleQuantization-sharded"),
+    pytest.param(hs.DoubleSqueeze(hs.ScaledSign()), "sharded", id="DoubleSqueeze-sharded"),
+    pytest.param(hs.ErrorFeedback(hs.TopK(0.1)), "allgather", id="ErrorFeedback-allgather"),
+    pytest.param(hs.DoubleSqueeze(hs.RandK(0.2, seed=2)), "allreduce",
+                 id="DoubleSqueeze-allreduce"),
+]
+
+
+def table_gradient64(name, rank, step):
+    """:func:`table_gradient`'s values in float64, which float32 cannot hold."""
+    index = list(TABLE_SHAPES).index(name)
+    values = np.random.default_rng(31 * index + 1009 * rank + 100_003 * step).standard_normal(
+        TABLE_SHAPES[name])
+    return values * 10.0 ** (index % 3 - 1)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+@pytest.mark.parametrize("algorithm, exchange", FLOAT64_CASES)
+def test_float64_models_keep_float64_state_bit_for_bit(algorithm, exchange, num_ranks):
+    # precision="float64": gradients, state, arithmetic and the plain average in float64; the
+    # compressors see float32 and decode exactly, as the reference does.
+    config = {"compression": algorithm, "exchange": exchange, "learning_rate": LEARNING_RATE,
+              "precision": "float64", **LAYOUT}
+    results = run_engine(algorithm, num_ranks, shapes=TABLE_SHAPES, gradients=table_gradient64,
+                         dtype=torch.float64, exchange=exchange, precision="float64",
+                         learning_rate=lambda: LEARNING_RATE, **LAYOUT)
+    # Allreduce averages the wire's float32 values, where the reference averages them in float64.
+    check_against_simulation(config, results, num_ranks, exact=exchange != "allreduce",
+                             gradients=table_gradient64)
+    simulated32 = simulate({**config, "precision": "float32"}, results[0]["buckets"], num_ranks,
+                           steps=STEPS, gradients=table_gradient64)
+    for result in results:
+        assert result["dtypes"] == {torch.float64}
+        last = result["steps"][-1]
+        for tensors in last["state"].values():
+            for name, value in tensors.items():
+                assert value.dtype == np.float64, name
+                # Double quantization's state is built from decoded values only, which float32
+                # often holds; the others take the gradients in.
+                assert (isinstance(algorithm, hs.DoubleQuantization)
+                        or np.any(value.astype(np.float32) != value)), f"{name}: float32 values"
+    # Not what float32 arithmetic gives: the plain bucket's average, and the state.
+    rank0 = results[0]["steps"][-1]
+    assert np.any(rank0["applied"]["conv.bias"] != simulated32[-1]["applied"]["conv.bias"])
+    assert any(np.any(value != simulated32[-1]["state"][index][name][0])
+               for index, tensors in rank0["state"].items() for name, value in tensors.items())
+
+
+@pytest.mark.parametrize("algorithm, exchange", FLOAT64_CASES[:2] + FLOAT64_CASES[4:5])
+def test_tensorflow_float64_engine_matches_reference_bit_for_bit(algorithm, exchange):
+    import tensorflow as tf
+
+    from horovod_squeeze.tensorflow.engine import SqueezeEngine as TFEngine
+
+    names = list(TABLE_SHAPES)
+
+    def body(comm):
+        engine = TFEngine(algorithm, list(TABLE_SHAPES.items()), collectives=comm,
+                          exchange=exchange, precision="float64",
+                          learning_rate=lambda: LEARNING_RATE, **LAYOUT)
+        records = []
+        for step in range(STEPS):
+            out = engine([tf.constant(table_gradient64(n, comm.rank, step)) for n in names])
+            assert {t.dtype for t in out} == {tf.float64}
+            records.append({"applied": {n: t.numpy() for n, t in zip(names, out)},
+                            "state": {i: {n: v.numpy() for n, v in s.items()}
+                                      for i, s in engine.state.items()}})
+        return {"buckets": [(b.index, list(b.names), b.exchange.name, b.numel)
+                            for b in engine.buckets], "steps": records}
+
+    results = FakeWorld(2, timeout=120).run(body)
+    config = {"compression": algorithm, "exchange": exchange, "learning_rate": LEARNING_RATE,
+              "precision": "float64", **LAYOUT}
+    check_against_simulation(config, results, 2, exact=True, gradients=table_gradient64)
+
+
+def test_float64_engine_converges_past_float32s_floor():
+    # DORE on the heterogeneous least squares problem, full gradients, ternary both ways, through
+    # the engine on 4 in-process ranks: in float32 the distance to x* stops near float32's
+    # resolution; a float64 model goes on converging linearly far below it.
+    num_workers, dim, steps = 4, 120, 400
+    algorithm = hs.DORE(hs.Ternary(block_size=64))
+
+    def distances(dtype):
+        gradient, optimum, lr = _least_squares(num_workers, dim, dtype=dtype)
+
+        def body(comm):
+            engine = SqueezeEngine(algorithm, [("x", (dim,))], collectives=comm,
+                                   learning_rate=lambda: lr, min_compress_numel=0,
+                                   precision=np.dtype(dtype).name)
+            x, out = torch.zeros(dim, dtype=getattr(torch, np.dtype(dtype).name)), []
+            for step in range(steps):
+                engine.submit("x", torch.from_numpy(gradient(comm.rank, x.numpy())))
+                x += engine.result("x")
+                if step % 50 == 49:
+                    out.append(np.linalg.norm(x.numpy() - optimum) / np.linalg.norm(optimum))
+            return x.numpy(), out
+
+        runs = FakeWorld(num_workers, timeout=120).run(body)
+        for x, _ in runs[1:]:
+            np.testing.assert_array_equal(x, runs[0][0])  # every rank, the same model
+        return runs[0][1]
+
+    float32, float64 = distances(np.float32), distances(np.float64)
+    assert 1e-8 < float32[-1] < 1e-5
+    assert float64[-1] < 1e-12 and float64[-1] < 1e-4 * float32[-1]
+    assert all(b < a / 4 for a, b in zip(float64, float64[1:]))  # linearly, at every check
 
 
 # --- a toy algorithm whose output is a model increment ----------------------------------------
@@ -636,9 +751,10 @@ def test_double_quantization_uses_the_papers_quantizers():
         "model_error": (SERVER, MODEL)}
 
 
-def _least_squares(num_workers, dim, seed=0):
+def _least_squares(num_workers, dim, seed=0, dtype=np.float32):
     """Heterogeneous ridge regression: worker i's data is centred at 3 i, so the local gradients
-    at the optimum differ (they only sum to zero). Returns the full local gradients and x*."""
+    at the optimum differ (they only sum to zero). Returns the full local gradients (in
+    ``dtype``), x* and the step 1 / L."""
     rng = np.random.default_rng(seed)
     rows = 2 * dim
     a = [rng.standard_normal((rows, dim)) / np.sqrt(rows) for _ in range(num_workers)]
@@ -648,7 +764,7 @@ def _least_squares(num_workers, dim, seed=0):
     optimum = np.linalg.solve(hessian, sum(m.T @ v for m, v in zip(a, b)) / num_workers)
 
     def gradient(i, x):
-        return (a[i].T @ (a[i] @ x - b[i]) + ridge * x).astype(np.float32)
+        return (a[i].T @ (a[i] @ x - b[i]) + ridge * x).astype(dtype)
 
     return gradient, optimum, 1 / np.linalg.eigvalsh(hessian).max()
 

@@ -32,20 +32,23 @@ def _numpy(saved):
 
 
 def train(num_ranks, *, steps, start=0, saved=None, algorithm=ALGORITHM, exchange="sharded",
-          learning_rate=None):
+          learning_rate=None, precision="float32"):
     """Per rank: ``(records, gathered)`` after restoring ``saved`` (if given) and running steps
-    ``start .. start + steps - 1``; each record has the applied gradients and the live state."""
+    ``start .. start + steps - 1`` (gradients in ``precision``); each record has the applied
+    gradients and the live state."""
 
     def body(comm):
         engine = SqueezeEngine(algorithm, list(SHAPES.items()), collectives=comm,
-                               exchange=exchange, learning_rate=learning_rate, **LAYOUT)
+                               exchange=exchange, learning_rate=learning_rate,
+                               precision=precision, **LAYOUT)
         if saved is not None:
             assert squeeze_state.restore(engine, saved)
         records = [{"applied": None, "state": _live(engine)}]  # what was restored
         for step in range(start, start + steps):
             assert engine.step == step
             for name in reversed(list(SHAPES)):
-                engine.submit(name, torch.from_numpy(gradient(name, comm.rank, step)))
+                grad = gradient(name, comm.rank, step).astype(precision)
+                engine.submit(name, torch.from_numpy(grad))
             records.append({"applied": {n: engine.result(n).numpy().copy() for n in SHAPES},
                             "state": _live(engine)})
         return records, _numpy(squeeze_state.gather(engine))
@@ -196,6 +199,31 @@ def test_dore_state_restores_bitwise_and_keeps_the_mean_shift_at_another_size(ex
         for param, before in saved["state"][name]["tensors"].items():
             assert np.any(before != 0)
             np.testing.assert_array_equal(again["state"][name]["tensors"][param], before)
+
+
+@pytest.mark.parametrize("exchange", ["sharded", "allgather"])
+def test_float64_state_restores_bitwise_through_serialization(exchange):
+    run = {"algorithm": DORE, "exchange": exchange, "learning_rate": lambda: 0.05,
+           "precision": "float64"}
+    uninterrupted = train(2, steps=4, **run)
+    saved = train(2, steps=2, **run)[0][1]
+    for entry in saved["state"].values():
+        for array in entry["tensors"].values():
+            assert array.dtype == np.float64
+    stored = checkpoint.deserialize(checkpoint.serialize(saved))
+    assert stored["state"]["model_error"]["tensors"]["head/out:0"].dtype == np.float64
+    resumed = train(2, steps=2, start=2, saved=stored, **run)
+    for rank in range(2):
+        _assert_same_records(resumed[rank][0], uninterrupted[rank][0][2:])
+        assert resumed[rank][0][0]["state"][0]["worker_shift"].dtype == np.float64
+    # A float32 checkpoint continues in a float64 run from exactly its values.
+    saved32 = train(2, steps=2, **{**run, "precision": "float32"})[0][1]
+    widened = train(2, steps=0, saved=saved32, **run)[0][1]
+    for name, entry in saved32["state"].items():
+        for param, array in entry["tensors"].items():
+            restored = widened["state"][name]["tensors"][param]
+            assert restored.dtype == np.float64
+            np.testing.assert_array_equal(restored, array)
 
 
 def test_serialize_round_trip_keeps_names_with_slashes_and_colons():

@@ -17,10 +17,10 @@ DS_SIGN = hs.DoubleSqueeze(hs.ScaledSign())
 MODES = ["eager", "function", "fit"]
 
 
-def _variables():
+def _variables(dtype="float32"):
     import tensorflow as tf
 
-    return [tf.Variable(tf.zeros(shape), name=name) for name, shape in SHAPES.items()]
+    return [tf.Variable(tf.zeros(shape, dtype), name=name) for name, shape in SHAPES.items()]
 
 
 def _gradients(rank, step):
@@ -40,7 +40,8 @@ def _buckets(engine):
 
 
 def _run_steps(configs, mode):
-    """Rank body: STEPS steps whose gradients are exactly gradient(...), per config."""
+    """Rank body: STEPS steps whose gradients are exactly gradient(...), per config, on variables
+    in the config's precision (the wrappers pick their own from the variables)."""
     import horovod.tensorflow as hvd
     import tensorflow as tf
 
@@ -49,7 +50,9 @@ def _run_steps(configs, mode):
     hvd.init()
     results = []
     for config in configs:
-        variables = _variables()
+        precision = config.get("precision", "float32")
+        variables = _variables(precision)
+        config = {k: v for k, v in config.items() if k != "precision"}
         names = list(SHAPES)
         steps = []
         if mode in ("eager", "function"):
@@ -70,16 +73,17 @@ def _run_steps(configs, mode):
             if mode == "function":
                 exchange = tf.function(exchange)
             for step in range(STEPS):
-                applied = exchange([tf.constant(g) for g in _gradients(hvd.rank(), step)])
+                applied = exchange([tf.constant(g, precision)
+                                    for g in _gradients(hvd.rank(), step)])
                 squeeze = wrappers[-1]
                 steps.append({"applied": dict(zip(names, (a.numpy() for a in applied))),
                               **_snapshot(squeeze.engine, names)})
             engine = squeeze.engine
             wrappers_alike = all(w is squeeze for w in wrappers)
         else:
-            model, optimizer = _keras_known_gradients(variables, config)
+            model, optimizer = _keras_known_gradients(variables, config, dtype=precision)
             x = np.stack([np.concatenate([g.reshape(-1) for g in _gradients(hvd.rank(), step)])
-                          for step in range(STEPS)])
+                          for step in range(STEPS)]).astype(precision)
             recorder = _Recorder(variables, names)
             model.fit(x, np.zeros(STEPS), batch_size=1, epochs=1, shuffle=False, verbose=0,
                       callbacks=[recorder])
@@ -92,7 +96,7 @@ def _run_steps(configs, mode):
     return results
 
 
-def _keras_known_gradients(variables, config, horovod_optimizer=False):
+def _keras_known_gradients(variables, config, horovod_optimizer=False, dtype="float32"):
     """A tf_keras model whose loss on input G is sum(v * G): the gradients are the inputs."""
     import horovod.tensorflow.keras as hvd_keras
     import tensorflow as tf
@@ -100,8 +104,8 @@ def _keras_known_gradients(variables, config, horovod_optimizer=False):
     import horovod_squeeze.tensorflow.keras as hsk
 
     class KnownGradients(tf.keras.layers.Layer):
-        def __init__(self):
-            super().__init__()
+        def __init__(self, dtype):
+            super().__init__(dtype=dtype)
             self.known = variables  # tracked: model.trainable_variables, in this order
 
         def call(self, x):
@@ -112,7 +116,7 @@ def _keras_known_gradients(variables, config, horovod_optimizer=False):
                 offset += numel
             return tf.reshape(total, [1, 1])
 
-    model = tf.keras.Sequential([KnownGradients()])
+    model = tf.keras.Sequential([KnownGradients(dtype=dtype)])
     wrap = hvd_keras.DistributedOptimizer if horovod_optimizer else hsk.DistributedOptimizer
     optimizer = wrap(tf.keras.optimizers.SGD(1.0), **config)
     model.compile(optimizer=optimizer, loss=lambda y, p: tf.reduce_sum(p))
@@ -153,10 +157,11 @@ def _check(config, results, num_proc, mode):
         buckets = results[0]["buckets"]
         simulated = simulate({"learning_rate": 1.0, **config}, buckets, num_proc)
         for rank, result in enumerate(results):
-            weights = {n: np.zeros(s, np.float32) for n, s in SHAPES.items()}
+            weights = {n: np.zeros(s, config.get("precision", "float32"))
+                       for n, s in SHAPES.items()}
             for step, (got, want) in enumerate(zip(result["steps"], simulated)):
                 for name in SHAPES:
-                    weights[name] = weights[name] + np.float32(sign) * want["applied"][name]
+                    weights[name] = weights[name] + sign * want["applied"][name]
                     assert_close(got["weights"][name], weights[name],
                                  f"rank {rank} step {step} weights {name}")
         converted = [{"buckets": r["buckets"],
@@ -198,7 +203,9 @@ def test_algorithms_and_exchanges_match_simulation_in_tf_function(num_proc):
 def test_model_update_algorithms_match_simulation(num_proc, mode):
     configs = [{"compression": hs.DORE(hs.Ternary(block_size=64)), "bucket_cap_mb": 0.005,
                 "min_compress_numel": 100},
-               {"compression": hs.DoubleQuantization(b=4, b_x=8), "exchange": "allgather"}]
+               {"compression": hs.DoubleQuantization(b=4, b_x=8), "exchange": "allgather"},
+               {"compression": hs.DORE(hs.QSGD(4), alpha=0.05), "exchange": "allgather",
+                "precision": "float64"}]
     results = run_on_ranks(_run_steps, num_proc, "gloo", args=(configs, mode), timeout=300)
     for i, config in enumerate(configs):
         per_rank = [r[i] for r in results]

@@ -15,16 +15,17 @@ from simulation_cases import (
 )
 
 
-def _make_model():
+def _make_model(dtype=None):
     import torch
 
     torch.manual_seed(0)
-    return torch.nn.ParameterDict({name.replace(".", "_"): torch.nn.Parameter(torch.zeros(shape))
-                                   for name, shape in SHAPES.items()})
+    return torch.nn.ParameterDict({name.replace(".", "_"): torch.nn.Parameter(
+        torch.zeros(shape, dtype=dtype)) for name, shape in SHAPES.items()})
 
 
 def _run_steps(configs):
-    """Rank body: for each config, STEPS steps whose gradients are exactly gradient(...)."""
+    """Rank body: for each config, STEPS steps whose gradients are exactly gradient(...), on a
+    model in the config's precision (the wrapper picks its own from the parameters)."""
     import horovod.torch as hvd
     import torch
 
@@ -33,9 +34,9 @@ def _run_steps(configs):
     hvd.init()
     results = []
     for config in configs:
-        model = _make_model()
+        model = _make_model(getattr(torch, config.get("precision", "float32")))
         named = [(name, model[name.replace(".", "_")]) for name in SHAPES]
-        options = {k: v for k, v in config.items() if k != "learning_rate"}
+        options = {k: v for k, v in config.items() if k not in ("learning_rate", "precision")}
         sgd = torch.optim.SGD(model.parameters(), lr=config.get("learning_rate", 1.0))
         optimizer = hst.DistributedOptimizer(sgd, named_parameters=named, **options)
         engine = optimizer._squeeze
@@ -99,6 +100,8 @@ MODEL_UPDATES = [
     {"compression": hs.DORE(hs.QSGD(4), alpha=0.05), "exchange": "allgather",
      "learning_rate": 0.5},
     {"compression": hs.DoubleQuantization(b=4, b_x=8), "learning_rate": 0.25},
+    {"compression": hs.DORE(hs.Ternary(block_size=64)), "exchange": "allgather",
+     "learning_rate": 0.25, "precision": "float64"},
 ]
 
 

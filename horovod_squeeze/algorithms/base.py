@@ -70,6 +70,8 @@ class StageContext(NamedTuple):
     #: in a shard; the rest is padding); ``None``: one segment, the whole tensor. Compressions
     #: pass it to the codec, so every tensor gets its own scales.
     segments: tuple[int, ...] | None = None
+    #: The dtype of the stage's tensors (``"float32"`` or ``"float64"``): what decoding gives back.
+    precision: str = "float32"
 
 
 class WorkerOut(NamedTuple):
@@ -105,7 +107,7 @@ def compensate(codec, compressor: Compressor, x: Tensor, residual: Tensor | None
     payload = codec.compress(compressor, corrected, nonce=ctx.nonce, name=ctx.name,
                              segments=ctx.segments)
     decoded = codec.decompress(compressor, payload, _numel(x), name=ctx.name,
-                               segments=ctx.segments)
+                               segments=ctx.segments, dtype=ctx.precision)
     return Compensated(payload, decoded, corrected - decoded)
 
 

@@ -17,6 +17,9 @@ exchange code it checks:
 
 State: ``{"worker": {name: [per rank]}, "server": {name: [per shard, or one copy]}}``; a worker
 tensor covers the (padded) bucket, a server tensor its shard.
+
+Precision: gradients, state and arithmetic are float32, or float64 with ``precision="float64"``;
+compressors see their input rounded to float32 either way, and what they decode is exact in both.
 """
 from __future__ import annotations
 
@@ -32,14 +35,15 @@ from horovod_squeeze.exchange import PASS1, PASS2, shard_numel, stage_nonce
 __all__ = ["init_state", "simulate_step"]
 
 
-def init_state(algorithm, exchange: str, numel: int, num_workers: int) -> dict:
+def init_state(algorithm, exchange: str, numel: int, num_workers: int,
+               precision: str = "float32") -> dict:
     """Zero state for a bucket of ``numel`` entries."""
     sharded = exchange == "sharded"
     length = shard_numel(numel, num_workers) if sharded else numel
-    workers = {s.name: [np.zeros(length * (num_workers if sharded else 1), np.float32)
+    workers = {s.name: [np.zeros(length * (num_workers if sharded else 1), precision)
                         for _ in range(num_workers)]
                for s in algorithm.state() if s.placement == "worker"}
-    server = {s.name: [np.zeros(length, np.float32) for _ in range(num_workers if sharded else 1)]
+    server = {s.name: [np.zeros(length, precision) for _ in range(num_workers if sharded else 1)]
               for s in algorithm.state() if s.placement == "server"}
     return {"worker": workers, "server": server}
 
@@ -57,11 +61,13 @@ def _segments_within(sizes, first: int, last: int) -> tuple[int, ...]:
 
 def simulate_step(algorithm, exchange: str, gradients: list[np.ndarray], state: dict, *,
                   step: int, bucket: int = 0, sizes=None,
-                  learning_rate: float | None = None) -> tuple[np.ndarray, dict]:
+                  learning_rate: float | None = None,
+                  precision: str = "float32") -> tuple[np.ndarray, dict]:
     """One synchronous step: what every worker applies, and the new state.
 
     ``sizes``: the entries of the bucket's tensors, in order (default: one tensor, the bucket).
     ``learning_rate``: the step's, for an algorithm whose output is a model increment.
+    ``precision``: ``"float32"`` or ``"float64"``, that of the gradients, state and arithmetic.
     """
     if exchange not in ("sharded", "allgather", "allreduce"):
         raise ValueError(f"unknown exchange {exchange!r}")
@@ -81,7 +87,8 @@ def simulate_step(algorithm, exchange: str, gradients: list[np.ndarray], state: 
     def codec(compressor, nonce, segments):
         def apply(v):
             payload = reference.compress(compressor, v, nonce=nonce, segments=segments)
-            return reference.decompress(compressor, payload, v.size, segments=segments)
+            return reference.decompress(compressor, payload, v.size,
+                                        segments=segments).astype(precision)
         return apply
 
     if exchange != "sharded":
@@ -90,7 +97,7 @@ def simulate_step(algorithm, exchange: str, gradients: list[np.ndarray], state: 
         workers = {k: list(v) for k, v in state["worker"].items()}
         server = {k: v[0] for k, v in state["server"].items()}
         output, new_workers, new_server = update(
-            algorithm, [g.astype(np.float32) for g in gradients], workers, server,
+            algorithm, [g.astype(precision) for g in gradients], workers, server,
             lambda i, v: codec(algorithm.worker,
                                stage_nonce(step, bucket, 0, PASS1, 0 if shared else i),
                                segments)(v),
@@ -98,7 +105,7 @@ def simulate_step(algorithm, exchange: str, gradients: list[np.ndarray], state: 
         return output, {"worker": new_workers, "server": {k: [v] for k, v in new_server.items()}}
 
     shard = shard_numel(numel, n)
-    padded = [np.concatenate([g.astype(np.float32), np.zeros(shard * n - numel, np.float32)])
+    padded = [np.concatenate([g.astype(precision), np.zeros(shard * n - numel, precision)])
               for g in gradients]
     outputs, new_workers = [], {k: [[] for _ in range(n)] for k in state["worker"]}
     new_server = {k: [] for k in state["server"]}

@@ -38,10 +38,10 @@ class SqueezeEngine(tf.Module):
     Tune these: the options of :class:`~horovod_squeeze.plan.EngineOptions` (``warmup_steps``
     becomes a variable that callbacks may move).
 
-    Internal state: ``step``, and ``state[bucket][name]`` (``tf.Variable``\\ s, on ``device``) for
-    each named state (``plan.state_specs()``: the worker momentum's, given ``momentum``, which starts
-    from ``momentum_source(name)`` when warm-up ends and is sent times ``momentum_scale(name)`` if
-    given, and the algorithm's); ``snapshot`` (tracked, a string) holds every rank's state
+    Internal state: ``step``, and ``state[bucket][name]`` (``tf.Variable``\\ s in the plan's
+    precision, on ``device``) for each named state (``plan.state_specs()``: the worker momentum's,
+    given ``momentum``, which starts from ``momentum_source(name)`` when warm-up ends and is sent
+    times ``momentum_scale(name)`` if given, and the algorithm's); ``snapshot`` (tracked, a string) holds every rank's state
     serialized for checkpoints.
     """
 
@@ -57,14 +57,16 @@ class SqueezeEngine(tf.Module):
                                   index={name: i for i, name in enumerate(names)},
                                   learning_rate=learning_rate, momentum_source=momentum_source,
                                   momentum_scale=momentum_scale,
-                                  prefix=comm.new_scope())
+                                  prefix=comm.new_scope(),
+                                  dtype=tf.as_dtype(plan.precision))
         with tf.init_scope(), tf.device(device):
             self._local = _Untracked(
                 step=tf.Variable(0, dtype=tf.int64, trainable=False, name="step"),
                 warmup_steps=tf.Variable(plan.options.warmup_steps, dtype=tf.int64,
                                          trainable=False, name="warmup_steps"),
                 last_compressed=tf.Variable(False, trainable=False, name="last_compressed"),
-                state={b.index: {name: tf.Variable(tf.zeros([numel]), trainable=False,
+                state={b.index: {name: tf.Variable(tf.zeros([numel], self._config.dtype),
+                                                   trainable=False,
                                                    name=f"{name}_{b.index}")
                                  for name, numel in plan.state_layout(b).items()}
                        for b in plan.buckets})
@@ -96,7 +98,7 @@ class SqueezeEngine(tf.Module):
             raise ValueError(f"expected {len(cfg.names)} gradients, got {len(grads)}")
         flats = {b.index: self._flat(b, grads) for b in cfg.plan.buckets}
         step = tf.identity(self._local.step)
-        rate = None if cfg.learning_rate is None else cfg.learning_rate()
+        rate = None if cfg.learning_rate is None else tf.cast(cfg.learning_rate(), cfg.dtype)
         # What changes after warm-up: compressed buckets, and every bucket with worker momentum.
         switching = [b for b in cfg.plan.buckets
                      if b.compressed or cfg.plan.momentum is not None]
@@ -131,7 +133,7 @@ class SqueezeEngine(tf.Module):
         for name, shape, _, _ in bucket.spans():
             grad = grads[self._config.index[name]]
             if grad is None:
-                parts.append(tf.zeros([int(np.prod(shape))]))
+                parts.append(tf.zeros([int(np.prod(shape))], self._config.dtype))
                 continue
             if isinstance(grad, tf.IndexedSlices):
                 grad = tf.convert_to_tensor(grad)
@@ -141,7 +143,7 @@ class SqueezeEngine(tf.Module):
             if tuple(grad.shape) != shape:
                 raise ValueError(f"gradient of {name!r} has shape {tuple(grad.shape)}, "
                                  f"its variable {shape}")
-            parts.append(tf.reshape(tf.cast(grad, tf.float32), [-1]))
+            parts.append(tf.reshape(tf.cast(grad, self._config.dtype), [-1]))
         # A data dependency, so no state or step update can run before the check fails.
         return tf.debugging.check_numerics(
             tf.concat(parts, axis=0), f"{bucket.describe()}: gradient has NaN or Inf values")
@@ -157,7 +159,7 @@ class SqueezeEngine(tf.Module):
             current["momentum"] = tf.cond(step == self._local.warmup_steps,
                                           lambda: self._momentum_start(bucket), lambda: kept)
             if cfg.momentum_scale is not None:
-                scale = tf.concat([tf.reshape(tf.cast(cfg.momentum_scale(name), tf.float32),
+                scale = tf.concat([tf.reshape(tf.cast(cfg.momentum_scale(name), cfg.dtype),
                                               [-1]) for name in bucket.names], axis=0)
         steps = cfg.plan.run(codecs.on(), bucket, flat, current, step=step,
                              rank=cfg.comm.rank, warm=warm, learning_rate=rate,
@@ -173,8 +175,8 @@ class SqueezeEngine(tf.Module):
         parts = []
         for name, shape, start, stop in bucket.spans():
             value = None if source is None else source(name)
-            parts.append(tf.zeros([stop - start]) if value is None
-                         else tf.reshape(tf.cast(value, tf.float32), [-1]))
+            parts.append(tf.zeros([stop - start], self._config.dtype) if value is None
+                         else tf.reshape(tf.cast(value, self._config.dtype), [-1]))
         return tf.concat(parts, axis=0)
 
     def _log(self, step) -> None:

@@ -18,7 +18,7 @@ import functools
 import tensorflow as tf
 
 from horovod_squeeze.algorithms import Algorithm
-from horovod_squeeze.plan import EngineOptions
+from horovod_squeeze.plan import EngineOptions, working_precision
 from horovod_squeeze.tensorflow.collectives import HorovodCollectives
 from horovod_squeeze.tensorflow.engine import SqueezeEngine
 
@@ -77,10 +77,13 @@ class SqueezeGradients:
                     if factory is not None:
                         of_variable = factory(variables)
                         sources[argument] = lambda name, of=of_variable: of(by_name[name])
+                options = dataclasses.asdict(self.options)
+                if options["precision"] is None:
+                    options["precision"] = working_precision(v.dtype.name for v in variables)
                 engine = SqueezeEngine(self.algorithm, named, collectives=self.collectives,
                                        device=variables[0].device if variables else None,
                                        learning_rate=self.learning_rate, momentum=self.momentum,
-                                       **sources, **dataclasses.asdict(self.options))
+                                       **sources, **options)
                 self.engines[key] = engine
                 self._compiled[key] = tf.function(functools.partial(self._exchange, engine),
                                                   autograph=False)

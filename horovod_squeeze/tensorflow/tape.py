@@ -26,7 +26,7 @@ def DistributedGradientTape(gradtape, device_dense="", device_sparse="",
                             gradient_predivide_factor=1.0, num_groups=0, groups=None,
                             process_set=hvd.global_process_set, scale_local_gradients=True, *,
                             exchange="sharded", bucket_cap_mb=25.0, min_compress_numel=1024,
-                            warmup_steps=0, log_every=0, optimizer=None):
+                            warmup_steps=0, log_every=0, optimizer=None, precision=None):
     """Wraps ``gradtape`` so ``gradient()`` averages through a compressed, error-compensated exchange.
 
     Arguments are Horovod's (``horovod.tensorflow.DistributedGradientTape``), except:
@@ -35,8 +35,9 @@ def DistributedGradientTape(gradtape, device_dense="", device_sparse="",
       compression: an algorithm, e.g. ``hs.DoubleSqueeze(hs.ScaledSign())``. Horovod's own
         ``Compression.none`` / ``Compression.fp16`` (or :class:`StockCompression`) give Horovod's
         tape unchanged.
-      exchange, bucket_cap_mb, min_compress_numel, warmup_steps, log_every: see
-        :class:`horovod_squeeze.plan.EngineOptions`.
+      exchange, bucket_cap_mb, min_compress_numel, warmup_steps, log_every, precision: see
+        :class:`horovod_squeeze.plan.EngineOptions` (``precision``: by default float64 when every
+        variable is float64, else float32).
       optimizer: the optimizer that will apply the gradients, required for an algorithm whose
         output is a model increment and ignored for the others. Such an algorithm takes the model
         step itself and needs the optimizer's learning rate, so the optimizer must be plain SGD:
@@ -87,7 +88,8 @@ def DistributedGradientTape(gradtape, device_dense="", device_sparse="",
         gradtape, device_dense, device_sparse, Compression.none, sparse_as_dense, op,
         gradient_predivide_factor, process_set=process_set,
         scale_local_gradients=scale_local_gradients)
-    options = EngineOptions(exchange, bucket_cap_mb, min_compress_numel, warmup_steps, log_every)
+    options = EngineOptions(exchange, bucket_cap_mb, min_compress_numel, warmup_steps, log_every,
+                            precision)
     # The cached wrapper keeps the optimizer alive, so its id is not reused while the key exists.
     key = (compression, op, gradient_predivide_factor, process_set.process_set_id, options,
            id(optimizer) if updates_model else None)

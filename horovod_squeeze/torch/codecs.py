@@ -41,10 +41,11 @@ def compress(spec, x: torch.Tensor, *, nonce: int = 0, name: str = "tensor",
 
 
 def decompress(spec, payload: torch.Tensor, numel: int, *, name: str = "payload",
-               segments=None) -> torch.Tensor:
-    """A payload back to a flat float32 tensor of ``numel`` entries, on the payload's device."""
+               segments=None, dtype: str = "float32") -> torch.Tensor:
+    """A payload back to a flat tensor of ``numel`` entries (``dtype``: ``"float32"`` or
+    ``"float64"``), on the payload's device."""
     return on(_device(payload, name)).decompress(spec, payload, numel, name=name,
-                                                 segments=segments)
+                                                 segments=segments, dtype=dtype)
 
 
 def _device(x, name: str) -> torch.device:

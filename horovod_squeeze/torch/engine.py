@@ -31,8 +31,8 @@ class SqueezeEngine:
 
     Internal state: ``step`` (drives warm-up and the random streams) and ``state[bucket][name]``,
     this rank's tensors of each named state (``plan.state_specs()``: the worker momentum's, given
-    ``momentum``, and the algorithm's), created on ``device`` and moved to the gradients' device if
-    they arrive elsewhere. Residuals in gradient units are rescaled by ``old / new`` when the
+    ``momentum``, and the algorithm's), in the plan's precision, created on ``device`` and moved to
+    the gradients' device if they arrive elsewhere. Residuals in gradient units are rescaled by ``old / new`` when the
     ``learning_rate`` callable's value changes between steps.
 
     Statistics: ``last_stats`` (bytes and timings of the last step), :meth:`state_norms`.
@@ -56,7 +56,8 @@ class SqueezeEngine:
         self.last_rate = None  # the learning rate of the last step (what residuals are in)
         self.step = 0
         device = torch.device("cpu" if device is None else device)
-        self.state = {b.index: {name: torch.zeros(numel, device=device)
+        self.dtype = getattr(torch, self.plan.precision)  # what state and arithmetic use
+        self.state = {b.index: {name: torch.zeros(numel, dtype=self.dtype, device=device)
                                 for name, numel in self.plan.state_layout(b).items()}
                       for b in self.plan.buckets}
         self._bucket_of = {name: b for b in self.plan.buckets for name in b.names}
@@ -110,14 +111,15 @@ class SqueezeEngine:
         parts = []
         for name, shape, _, _ in bucket.spans():
             source = None if self.momentum_source is None else self.momentum_source(name)
-            parts.append(torch.zeros(shape, device=state["momentum"].device) if source is None
-                         else source.detach().to(state["momentum"].device, torch.float32))
+            parts.append(torch.zeros(shape, dtype=self.dtype, device=state["momentum"].device)
+                         if source is None
+                         else source.detach().to(state["momentum"].device, self.dtype))
         state["momentum"].copy_(torch.cat([p.reshape(-1) for p in parts]))
 
     def _momentum_scale(self, bucket, device: torch.device) -> torch.Tensor | None:
         if self.plan.momentum is None or self.momentum_scale is None:
             return None
-        return torch.cat([self.momentum_scale(name).detach().reshape(-1).to(device, torch.float32)
+        return torch.cat([self.momentum_scale(name).detach().reshape(-1).to(device, self.dtype)
                           for name in bucket.names])
 
     def _launch(self, bucket) -> None:
@@ -125,7 +127,7 @@ class SqueezeEngine:
             self._begin_step()
         grads = self._grads[bucket.index]
         self._dtypes.update({name: grads[name].dtype for name in bucket.names})
-        flat = torch.cat([grads[name].detach().reshape(-1).to(torch.float32)
+        flat = torch.cat([grads[name].detach().reshape(-1).to(self.dtype)
                           for name in bucket.names])
         self._grads[bucket.index] = {}
         state = self._state_on(bucket, flat.device)

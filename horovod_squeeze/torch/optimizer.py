@@ -20,7 +20,7 @@ from horovod_squeeze.model_step import check_plain_sgd
 from horovod_squeeze.momentum import (
     WorkerMomentum, adam_scale, frozen_adam_update, warmup_steps_for,
 )
-from horovod_squeeze.plan import EngineOptions, check_algorithm
+from horovod_squeeze.plan import EngineOptions, check_algorithm, working_precision
 from horovod_squeeze.torch.collectives import HorovodCollectives
 from horovod_squeeze.torch import codecs
 from horovod_squeeze.torch import state as squeeze_state
@@ -259,7 +259,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
                          op=hvd.Average, gradient_predivide_factor: float = 1.0,
                          process_set=hvd.global_process_set, *, exchange="sharded",
                          bucket_cap_mb=25.0, min_compress_numel=1024, warmup_steps=None,
-                         log_every=0, worker_momentum=True):
+                         log_every=0, worker_momentum=True, precision=None):
     """Wraps ``optimizer`` so gradients are averaged through a compressed, error-compensated exchange.
 
     Arguments are Horovod's (``horovod.torch.DistributedOptimizer``), except:
@@ -278,6 +278,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
         momentum is off; Adam's variance is frozen at the end of warm-up (the 1-bit Adam scheme).
         Same hyperparameters as fp32 training. ``False`` applies the optimizer's momentum to the
         averaged gradient instead. See :mod:`horovod_squeeze.momentum`.
+      precision: ``"float32"`` or ``"float64"``, the dtype of the algorithm's state and arithmetic
+        (:class:`horovod_squeeze.plan.EngineOptions`); by default float64 when every parameter is
+        float64, else float32.
 
     An algorithm whose output is a model increment (``algorithm.output == MODEL_INCREMENT``) takes
     the model step itself: ``step()`` adds the increment to the parameters and the wrapped
@@ -324,9 +327,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     _check_plain_sgd(compression, optimizer)
     kind = _momentum_kind(optimizer, compression, worker_momentum)
     warmup_steps = warmup_steps_for(kind, warmup_steps)
+    if precision is None:
+        precision = working_precision(str(p.dtype) for group in optimizer.param_groups
+                                      for p in group["params"] if p.requires_grad)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                {**_DistributedOptimizer.__dict__, **_SqueezeOptimizer.__dict__})
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
                gradient_predivide_factor, process_set,
                vars(EngineOptions(exchange, bucket_cap_mb, min_compress_numel, warmup_steps,
-                                  log_every)), kind)
+                                  log_every, precision)), kind)

@@ -122,14 +122,14 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
                          num_groups=0, groups=None, process_set=hvd.global_process_set,
                          scale_local_gradients=True, *, exchange="sharded", bucket_cap_mb=25.0,
                          min_compress_numel=1024, warmup_steps=None, log_every=0,
-                         worker_momentum=True):
+                         worker_momentum=True, precision=None):
     """Wraps a ``tf_keras`` optimizer so gradients average through a compressed exchange.
 
     Arguments are Horovod's (``horovod.tensorflow.keras.DistributedOptimizer``), except
     ``compression``, an algorithm such as ``hs.DoubleSqueeze(hs.ScaledSign())`` (Horovod's own
     compressions give Horovod's optimizer unchanged), the engine options of
     :func:`horovod_squeeze.tensorflow.DistributedGradientTape` (``warmup_steps`` defaults to 0, or
-    to 100 exact steps for Adam), and ``worker_momentum``, as in
+    to 100 exact steps for Adam; ``precision`` to float64 when every variable is float64), and ``worker_momentum``, as in
     :func:`horovod_squeeze.torch.DistributedOptimizer`: with ``SGD`` (momentum > 0, Nesterov
     included), ``Adam`` or ``AdamW``, each worker's momentum (Adam's first moment) is what is
     compressed after warm-up, and Adam's variance is frozen when warm-up ends. Keras keeps SGD's
@@ -210,7 +210,7 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
         compression, op_is_sum=op == hvd.Sum, gradient_predivide_factor=gradient_predivide_factor,
         process_set=process_set,
         options=EngineOptions(exchange, bucket_cap_mb, min_compress_numel, warmup_steps,
-                              log_every),
+                              log_every, precision),
         on_build=track, momentum=_worker_momentum(optimizer, kind),
         momentum_source=momentum_source if kind else None,
         momentum_scale=momentum_scale if kind == "adam" else None,
