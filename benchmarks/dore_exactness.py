@@ -99,7 +99,8 @@ def plot(rows) -> None:
                     linestyle="--" if row["precision"] == "float32" else "-")
     ax.set_xlabel("step (full local gradients, lr = 1/(2L))")
     ax.set_ylabel("||x - x*|| / ||x*||")
-    ax.set_title(f"Heterogeneous ridge regression, {RANKS} ranks, Ternary() both ways")
+    ax.set_title(f"Heterogeneous ridge regression, {RANKS} ranks, Ternary() both ways\n"
+                 "float64 models; dashed: float32", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
