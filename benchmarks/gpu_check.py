@@ -9,7 +9,7 @@ For each case (DoubleSqueeze, ErrorFeedback, NoFeedback and ServerFeedback with 
 RandK and QSGD via ToContractive; a compressor per pass; over the sharded, allgather and, for linear
 compressors, allreduce exchanges), each number of simulated ranks (``--ranks``, threads of one
 process on :class:`horovod_squeeze.fake.FakeWorld`) and each gradient dtype (float32, float16,
-bfloat16), the :class:`~horovod_squeeze.torch.engine.SqueezeEngine` runs ``--steps`` steps twice on
+bfloat16, float64: the engine then keeps float64 state), the :class:`~horovod_squeeze.torch.engine.SqueezeEngine` runs ``--steps`` steps twice on
 the same gradients: on ``--device`` (rank r on ``cuda:(r mod device count)``) and on the CPU. Every
 step's applied gradient and every state tensor of every rank must be bit-identical, or within a
 relative 1e-6 of the CPU run (applied float16/bfloat16 gradients: one unit in the last place of
@@ -49,13 +49,16 @@ import torch
 import horovod_squeeze as hs
 from horovod_squeeze.fake import FakeWorld
 from horovod_squeeze.exchange import make_exchange
+from horovod_squeeze.plan import working_precision
 from horovod_squeeze.torch.engine import SqueezeEngine
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "gpu_check.json"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-#: Relative tolerance of applied gradients per dtype (state is float32 whatever the gradients).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+#: Relative tolerance of applied gradients per dtype (state is float32 for the low-precision
+#: dtypes, float64 for float64: the engine's precision follows the wrappers' rule).
 OUTPUT_TOLERANCE = {"float32": 1e-6, "float16": float(torch.finfo(torch.float16).eps),
-                    "bfloat16": float(torch.finfo(torch.bfloat16).eps)}
+                    "bfloat16": float(torch.finfo(torch.bfloat16).eps), "float64": 1e-6}
 STATE_TOLERANCE = 1e-6
 
 #: Registration order; sizes chosen so buckets split (see OPTIONS), shards need padding (1073 and
@@ -137,10 +140,11 @@ def device_of(device: str, rank: int) -> torch.device:
 
 def run_rank(comm, case: Case, device: torch.device, dtype: torch.dtype, steps: int,
              options: dict = OPTIONS) -> dict:
-    """One rank's engine for ``steps`` steps: per step the applied gradients and the state (as
-    float32 NumPy), and every placement problem seen."""
+    """One rank's engine for ``steps`` steps: per step the applied gradients (as float64 NumPy)
+    and the state, and every placement problem seen."""
     engine = SqueezeEngine(case.algorithm, list(SHAPES.items()), collectives=comm, device=device,
-                           exchange=case.exchange, learning_rate=lambda: LEARNING_RATE, **options)
+                           exchange=case.exchange, learning_rate=lambda: LEARNING_RATE,
+                           precision=working_precision([str(dtype)]), **options)
     problems, records = [], []
 
     def check_state(when):
@@ -160,7 +164,7 @@ def run_rank(comm, case: Case, device: torch.device, dtype: torch.dtype, steps: 
                 problems.append(f"step {step}: {name} applied on {out.device}")
             if out.dtype != dtype or tuple(out.shape) != shape:
                 problems.append(f"step {step}: {name} applied as {out.dtype} {tuple(out.shape)}")
-            applied[name] = out.detach().float().cpu().numpy().copy()
+            applied[name] = out.detach().cpu().numpy().astype(np.float64)
         check_state(f"step {step}")
         records.append({"applied": applied,
                         "state": {b: {n: t.detach().cpu().numpy().copy() for n, t in s.items()}
