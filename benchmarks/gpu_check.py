@@ -164,7 +164,7 @@ def run_rank(comm, case: Case, device: torch.device, dtype: torch.dtype, steps: 
                 problems.append(f"step {step}: {name} applied on {out.device}")
             if out.dtype != dtype or tuple(out.shape) != shape:
                 problems.append(f"step {step}: {name} applied as {out.dtype} {tuple(out.shape)}")
-            applied[name] = out.detach().cpu().numpy().astype(np.float64)
+            applied[name] = out.detach().double().cpu().numpy()
         check_state(f"step {step}")
         records.append({"applied": applied,
                         "state": {b: {n: t.detach().cpu().numpy().copy() for n, t in s.items()}
