@@ -31,7 +31,8 @@ from horovod_squeeze.algorithms.base import MOMENT, WORKER
 from horovod_squeeze.exchange import Collective, Sharded
 from horovod_squeeze.plan import Plan
 
-__all__ = ["FORMAT_VERSION", "gather", "to_checkpoint", "restore", "serialize", "deserialize"]
+__all__ = ["FORMAT_VERSION", "gather", "to_checkpoint", "restore", "serialize", "deserialize",
+           "parameters_of"]
 
 FORMAT_VERSION = 2
 
@@ -82,10 +83,10 @@ def to_checkpoint(plan: Plan, gathered: dict, step: int, learning_rate=None) -> 
     return {"version": FORMAT_VERSION, "step": int(step), "world_size": plan.size,
             "learning_rate": None if learning_rate is None else float(learning_rate),
             "algorithm": repr(plan.algorithm), "exchange": plan.exchange.name,
-            "parameters": _parameters(plan), "state": state}
+            "parameters": parameters_of(plan), "state": state}
 
 
-def _parameters(plan: Plan) -> list[tuple[str, tuple[int, ...]]]:
+def parameters_of(plan: Plan) -> list[tuple[str, tuple[int, ...]]]:
     """The parameters that have state, in bucket order: names and shapes."""
     return [(name, shape) for bucket in plan.buckets if plan.state_specs(bucket)
             for name, shape in zip(bucket.names, bucket.shapes)]
@@ -95,7 +96,7 @@ def _saved_names(plan: Plan, saved: dict) -> dict[str, str]:
     """This plan's parameter name -> the checkpoint's. By name; if names differ but the
     checkpoint's parameters have the same shapes in the same order (Keras names layers anew when a
     model is rebuilt), by position."""
-    current = _parameters(plan)
+    current = parameters_of(plan)
     stored = [(name, tuple(shape)) for name, shape in saved.get("parameters", [])]
     names = {name for name, _ in stored}
     if all(name in names for name, _ in current):

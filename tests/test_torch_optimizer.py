@@ -283,7 +283,7 @@ def _squeezed_model():
 
 
 def _save_then_report(path, steps):
-    """Rank body: train a few steps, save state_dict from rank 0, return the gathered residuals."""
+    """Rank body: train a few steps, save every rank's state from rank 0, return it."""
     import horovod.torch as hvd
     import torch
 
@@ -292,7 +292,7 @@ def _save_then_report(path, steps):
         optimizer.zero_grad()
         sum((p * torch.from_numpy(gradient(n, hvd.rank(), step))).sum() for n, p in named).backward()
         optimizer.step()
-    state = optimizer.state_dict()  # a collective: every rank calls it
+    state = optimizer.state_dict(all_ranks=True)  # a collective: every rank calls it
     if hvd.rank() == 0:
         torch.save(state, path)
     return state["squeeze"]
@@ -303,7 +303,7 @@ def _load_and_report(path):
 
     _, optimizer = _squeezed_model()
     optimizer.load_state_dict(torch.load(path, weights_only=False))
-    return optimizer.state_dict()["squeeze"]
+    return optimizer.state_dict(all_ranks=True)["squeeze"]  # applied, then gathered
 
 
 def test_state_reshards_to_another_world_size(tmp_path):

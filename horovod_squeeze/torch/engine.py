@@ -12,9 +12,10 @@ import logging
 
 import torch
 
+from horovod_squeeze import resume
 from horovod_squeeze.algorithms.base import Algorithm
-from horovod_squeeze.driver import InFlight
-from horovod_squeeze.exchange import PassBytes
+from horovod_squeeze.driver import InFlight, run_to_end
+from horovod_squeeze.exchange import Collective, PassBytes
 from horovod_squeeze.plan import EngineOptions, Plan
 from horovod_squeeze.telemetry import StepStats, state_norms
 from horovod_squeeze.torch import codecs
@@ -36,7 +37,9 @@ class SqueezeEngine:
     ``learning_rate`` callable's value changes between steps.
 
     Statistics: ``last_stats`` (bytes and timings of the last step), :meth:`state_norms`.
-    Checkpoints: :mod:`horovod_squeeze.torch.state`.
+    Checkpoints: :mod:`horovod_squeeze.torch.state`; :meth:`load_later` takes saved state without
+    a collective, and the first step's agreement (:meth:`agree`, see :mod:`horovod_squeeze.resume`)
+    applies it the same way on every rank.
     """
 
     def __init__(self, algorithm: Algorithm, named_shapes, *, collectives, device=None,
@@ -66,6 +69,8 @@ class SqueezeEngine:
         self._flights: list = []
         self._results: dict[str, torch.Tensor] = {}
         self.last_stats: StepStats | None = None
+        self._pending: resume.Pending | None = None  # loaded, waiting for the agreement
+        self._agreed = False
 
     algorithm = property(lambda self: self.plan.algorithm)
     exchange = property(lambda self: self.plan.exchange)
@@ -124,6 +129,7 @@ class SqueezeEngine:
 
     def _launch(self, bucket) -> None:
         if not self._flights:
+            self.agree()
             self._begin_step()
         grads = self._grads[bucket.index]
         self._dtypes.update({name: grads[name].dtype for name in bucket.names})
@@ -176,6 +182,60 @@ class SqueezeEngine:
 
     # --- state --------------------------------------------------------------------------------------
 
+    def agree(self) -> None:
+        """Once, at the first step (or the first gather): every rank sends what it loaded and its
+        configuration's fingerprint, and applies :func:`horovod_squeeze.resume.decide`'s decision.
+        A collective; a ``ValueError`` on every rank if the configurations differ."""
+        if self._agreed:
+            return
+        row = resume.agreement_row(self.plan, self._pending, self.step)
+        device = next((t.device for s in self.state.values() for t in s.values()),
+                      torch.device("cpu"))
+        gathered = run_to_end(self.comm, _allgather(torch.tensor(row, device=device)),
+                              f"{self._scope}.agree")
+        decision = resume.decide(gathered.cpu().numpy().reshape(self.comm.size, len(row)),
+                                 self.comm.rank)
+        if decision.action == "restore":
+            self._apply(self._pending)
+        elif decision.action == "reset":
+            for tensors in self.state.values():
+                for tensor in tensors.values():
+                    tensor.zero_()
+            self.step, self.last_rate = decision.step, None
+            if self.comm.rank == 0:
+                logger.warning("%s", decision.message)
+        self._pending, self._agreed = None, True
+
+    def load_later(self, saved: dict) -> None:
+        """Takes saved state (one rank's, or every rank's) without a collective: checked now
+        (``ValueError``), applied at the agreement; after it, applied now if restorable."""
+        pending = resume.prepare(self.plan, saved, self.comm.rank)
+        if not self._agreed:
+            self._pending = pending
+        elif pending.source == resume.FOREIGN:
+            raise ValueError(
+                f"this is rank {self.comm.rank} of {self.comm.size}, and the state was saved by "
+                f"rank {saved['rank']} of {saved['world_size']}: load it before the first step, "
+                "so every rank can agree to start from zero state, or load this rank's own file")
+        else:
+            self._apply(pending)
+
+    def local_state(self) -> dict:
+        """This rank's state, step and rate (:func:`horovod_squeeze.resume.to_local`), or what
+        was loaded while it waits for the agreement; no collective."""
+        if self._pending is not None:
+            return self._pending.saved
+        live = {i: {n: t.detach().cpu().clone() for n, t in s.items()}
+                for i, s in self.state.items()}
+        return resume.to_local(self.plan, live, self.comm.rank, self.step, self.last_rate)
+
+    def _apply(self, pending: resume.Pending) -> None:
+        for index, tensors in pending.state.items():
+            for name, array in tensors.items():
+                live = self.state[index][name]
+                live.copy_(torch.as_tensor(array).to(live.device, live.dtype))
+        self.step, self.last_rate = pending.step, pending.learning_rate
+
     def state_norms(self) -> dict[str, dict[str, float]]:
         """Per parameter: the norm of each of this rank's state tensors (a sharded server tensor:
         the shard this rank owns)."""
@@ -190,3 +250,8 @@ class SqueezeEngine:
 
     def _numpy_state(self) -> dict:
         return {i: {n: t.cpu().numpy() for n, t in s.items()} for i, s in self.state.items()}
+
+
+def _allgather(tensor):
+    """The agreement's one collective, as an exchange generator."""
+    return (yield Collective("allgather", tensor, "agree"))

@@ -187,19 +187,24 @@ class _SqueezeOptimizer(_DistributedOptimizer):
         """Per parameter name: the norm of each of this rank's algorithm state tensors."""
         return self._squeeze.state_norms()
 
-    def state_dict(self):
-        """The wrapped optimizer's state plus every rank's algorithm state; a collective: call it
-        on every rank."""
+    def state_dict(self, all_ranks: bool = False):
+        """The wrapped optimizer's state plus, under ``"squeeze"``, this rank's algorithm state:
+        no collective, so rank 0 alone may save it, as Horovod's examples do. ``all_ranks=True``:
+        every rank's algorithm state instead, a collective (call it on every rank), which
+        restores every rank exactly at this or another world size."""
         state = super(self.__class__, self).state_dict()
-        state["squeeze"] = squeeze_state.gather(self._squeeze)
+        state["squeeze"] = (squeeze_state.gather(self._squeeze) if all_ranks
+                            else self._squeeze.local_state())
         return state
 
     def load_state_dict(self, state_dict):
+        """Loads the wrapped optimizer's state now, and the algorithm state at the first step,
+        where every rank agrees how (see :mod:`horovod_squeeze.resume`); no collective."""
         state_dict = dict(state_dict)
         squeeze = state_dict.pop("squeeze", None)
-        _DistributedOptimizer.load_state_dict(self, state_dict)
         if squeeze is not None:
-            squeeze_state.restore(self._squeeze, squeeze)
+            self._squeeze.load_later(squeeze)  # checked before anything changes
+        _DistributedOptimizer.load_state_dict(self, state_dict)
 
 
 #: The wrapped optimizer an algorithm that updates the model supports (horovod_squeeze.model_step).
@@ -304,9 +309,13 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
             compression=hs.DoubleSqueeze(hs.ScaledSign()))
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
-    ``state_dict()`` gathers every rank's algorithm state and worker momentum (call it on all
-    ranks, as ``hvd.broadcast_optimizer_state`` does); ``load_state_dict`` restores it exactly at
-    the same world size and redistributes it, sums preserved, at another. When the learning rate
+    ``state_dict()`` holds this rank's algorithm state and worker momentum, with no collective, so
+    rank 0 alone may save it; ``state_dict(all_ranks=True)`` (a collective) holds every rank's.
+    ``load_state_dict`` applies either at the first step, the same way on every rank
+    (:mod:`horovod_squeeze.resume`): each rank's own state, or every rank's, restores exactly
+    (every rank's redistributed, sums preserved, at another world size); rank 0's alone, loaded
+    before ``hvd.broadcast_optimizer_state``, restarts every rank from zero state at the saved
+    step, with a logged warning. When the learning rate
     changes (a scheduler), residuals in gradient units are rescaled by ``old / new`` before the
     next exchange, so what they will move the model by stays the same.
     """
@@ -330,8 +339,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     if precision is None:
         precision = working_precision(str(p.dtype) for group in optimizer.param_groups
                                       for p in group["params"] if p.requires_grad)
+    # Horovod's module, as Horovod's own class has: hvd.broadcast_optimizer_state then initializes
+    # a fresh optimizer's state with the wrapped optimizer's step, not with a compressed exchange
+    # that only the ranks without state would enter.
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
-               {**_DistributedOptimizer.__dict__, **_SqueezeOptimizer.__dict__})
+               {**_DistributedOptimizer.__dict__, **_SqueezeOptimizer.__dict__,
+                "__module__": _DistributedOptimizer.__module__})
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
                gradient_predivide_factor, process_set,
                vars(EngineOptions(exchange, bucket_cap_mb, min_compress_numel, warmup_steps,

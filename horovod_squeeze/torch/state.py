@@ -3,7 +3,9 @@
 :func:`gather` (a collective) collects every rank's state in :mod:`horovod_squeeze.checkpoint`'s
 format, with torch tensors, so one rank's checkpoint holds the whole state; :func:`restore` takes
 this rank's part back: exactly at the same world size, re-sharded (sums preserved) at another.
-``DistributedOptimizer.state_dict()`` / ``load_state_dict()`` call them.
+``DistributedOptimizer.state_dict(all_ranks=True)`` calls :func:`gather`; its plain
+``state_dict()`` / ``load_state_dict()`` hold and take one rank's state without a collective
+(:mod:`horovod_squeeze.resume`).
 
 Example::
 
@@ -24,6 +26,7 @@ __all__ = ["gather", "restore"]
 
 def gather(engine) -> dict:
     """Every rank's state (a collective: call it on every rank), as torch tensors on the CPU."""
+    engine.agree()  # what was loaded is applied first, so the gathered state is current
     device = next((t.device for s in engine.state.values() for t in s.values()),
                   torch.device("cpu"))
     gathered = run_to_end(engine.comm, checkpoint.gather(engine.plan, codecs.on(device),
