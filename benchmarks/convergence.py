@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from tqdm import tqdm
+from horovod_squeeze.progress import progress
 
 from training_runs import choose_contenders
 
@@ -121,7 +121,7 @@ def main():
 
     runs = []
     jobs = [(short, seed) for seed in range(1, args.seeds + 1) for short in chosen]
-    for short, seed in tqdm(jobs, desc="training runs"):
+    for short, seed in progress(jobs, desc="training runs"):
         label, flags = CONTENDERS[short]
         metrics = run(EXAMPLES[args.framework], flags + OPTIMIZERS[args.optimizer][1], seed,
                       args.epochs, args.num_proc)

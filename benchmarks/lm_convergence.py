@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 
-from tqdm import tqdm
+from horovod_squeeze.progress import progress
 
 from training_runs import choose_contenders
 
@@ -86,7 +86,7 @@ def main():
 
     runs = []
     jobs = [(short, seed) for seed in range(1, args.seeds + 1) for short in chosen]
-    for short, seed in tqdm(jobs, desc="training runs"):
+    for short, seed in progress(jobs, desc="training runs"):
         label, flags = CONTENDERS[short]
         runs.append({"contender": label, **run(flags, seed, args.steps, args.num_proc)})
 

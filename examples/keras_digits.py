@@ -10,7 +10,7 @@ The same network, data split, flags and schedule as ``examples/pytorch_digits.py
 none`` is Horovod's fp32 allreduce. The callbacks broadcast rank 0's initial weights, average the
 epoch metrics over ranks, report bytes per step and residual norms, optionally warm up
 uncompressed (``--warmup-epochs``) and keep every rank's residuals in ``--checkpoint-dir``
-checkpoints. Only rank 0 shows a progress bar.
+checkpoints. Only rank 0 shows progress: a bar on a terminal, a line per epoch in a log.
 """
 import math
 import os
@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import horovod_squeeze.tensorflow.keras as hsk  # noqa: E402
+from horovod_squeeze.progress import keras_verbose  # noqa: E402
 from common import (  # noqa: E402
     algorithm, argument_parser, digits_split, engine_options, learning_rate, report,
 )
@@ -105,7 +106,7 @@ def main():
     history = model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
                         steps_per_epoch=steps_per_epoch, callbacks=callbacks,
                         validation_data=(x_test[..., None], y_test),
-                        verbose=1 if hvd.rank() == 0 else 0)
+                        verbose=keras_verbose(hvd.rank() == 0))
 
     _, accuracy = model.evaluate(x_test[..., None], y_test, verbose=0)
     accuracy = float(hvd.allreduce(np.float64(accuracy), name="test_accuracy"))

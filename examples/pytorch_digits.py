@@ -20,9 +20,9 @@ import math
 import horovod.torch as hvd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import horovod_squeeze.torch as hst
+from horovod_squeeze.progress import progress as progress_of
 from common import (
     algorithm, argument_parser, digits_split, engine_options, learning_rate, report,
 )
@@ -84,7 +84,7 @@ def main():
     total_steps = args.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
         (step + 1) / steps_per_epoch, 0.5 * (1 + math.cos(math.pi * step / total_steps))))
-    progress = tqdm(range(args.epochs), desc="epochs", disable=hvd.rank() != 0)
+    progress = progress_of(range(args.epochs), desc="epochs", enabled=hvd.rank() == 0)
     test_losses = []  # every rank holds the same model: each computes the same held-out loss
     for _ in progress:
         model.train()

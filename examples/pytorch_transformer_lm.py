@@ -29,9 +29,9 @@ import horovod.torch as hvd
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import horovod_squeeze.torch as hst
+from horovod_squeeze.progress import progress as progress_of
 from common import ALGORITHMS, COMPRESSORS, algorithm, fp32_allreduce_bytes, label
 from stdlib_corpus import (DEFAULT_MAX_BYTES, VOCAB_SIZE, bigram_cross_entropy, build_corpus,
                            unigram_cross_entropy)
@@ -200,8 +200,8 @@ def main(argv=None):
     sampler = np.random.default_rng([args.seed, hvd.rank()])  # each rank its own windows
     eval_starts = validation_starts(corpus.validation, args.eval_windows, args.context)
     recent_losses, history = collections.deque(maxlen=args.log_every), []
-    progress = tqdm(range(1, args.steps + 1), desc="steps", disable=hvd.rank() != 0,
-                    mininterval=5, file=sys.stdout)
+    progress = progress_of(range(1, args.steps + 1), desc="steps", enabled=hvd.rank() == 0,
+                           stream=sys.stdout, min_interval=30)
     for step in progress:
         starts = sampler.integers(0, corpus.train.size - args.context - 1, args.batch_size)
         inputs, targets = windows(corpus.train, starts, args.context)

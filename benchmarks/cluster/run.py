@@ -25,6 +25,7 @@ import time
 from tqdm import tqdm
 
 from benchmarks.cluster import contenders, launch, namespaces, report, shaping
+from horovod_squeeze.progress import progress
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 
@@ -108,7 +109,9 @@ class Runner:
         """Runs ``job``; a failing contender is recorded and the job re-run without it."""
         names = list(job["contenders"])
         while names:
-            with tqdm(total=1, desc=label, unit="step", leave=False) as bar:
+            # A live bar on a terminal only; in a log, each job's result lines say enough.
+            with tqdm(total=1, desc=label, unit="step", leave=False,
+                      disable=not sys.stderr.isatty()) as bar:
                 def progress(state: dict) -> None:
                     if state["done"] != bar.n:  # redraw on news only: logs stay readable
                         bar.total = state["total"]
@@ -122,7 +125,8 @@ class Runner:
                 except launch.JobFailed as failure:
                     self.failures.append({"job": label, "contender": failure.contender,
                                           "error": str(failure)[-6000:]})
-                    tqdm.write(f"{label}: {failure.contender or 'the job'} failed; recorded")
+                    print(f"{label}: {failure.contender or 'the job'} failed; recorded",
+                          file=sys.stderr, flush=True)
                     if failure.contender not in names or failure.contender == "compute only":
                         return None
                     names.remove(failure.contender)
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     with namespaces.cluster(args.ranks) as made:
         runner = Runner(made, args)
         rates = []
-        for index, shape in enumerate(tqdm(args.shapes, desc="link rates", unit="rate")):
+        for index, shape in enumerate(progress(args.shapes, desc="link rates")):
             shaping.shape_cluster(made, shape)
             # Probes may hang until the collective timeout: once, on the first link, is enough.
             rates.append(runner.speed(shape, probes=index == 0 and args.probes))
