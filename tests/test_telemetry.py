@@ -135,7 +135,10 @@ class _Counting:
             sent, received = (n - 1) * nbytes, out_bytes - nbytes
         else:  # a ring allreduce
             sent = received = 2 * (n - 1) * nbytes // n
-        kind = "pass2" if name.endswith("pass2") else "pass1"
+        # The control collectives (the first step's agreement, every step's non-finite flags)
+        # carry a few bytes outside the exchange's accounting.
+        kind = ("control" if name.endswith((".agree", ".finite")) else
+                "pass2" if name.endswith("pass2") else "pass1")
         self.sent[kind] = self.sent.get(kind, 0) + sent
         self.received[kind] = self.received.get(kind, 0) + received
         return output
@@ -172,13 +175,16 @@ def test_step_stats_bytes_are_what_the_collectives_carried(algorithm, exchange):
                 engine.result(name)
             carried = PassBytes(counting.sent.get("pass1", 0), counting.received.get("pass1", 0),
                                 counting.sent.get("pass2", 0), counting.received.get("pass2", 0))
-            stats.append((engine.last_stats, carried))
+            stats.append((engine.last_stats, carried, counting.sent.get("control", 0)))
         return stats
 
     for rank_stats in FakeWorld(3).run(body):
-        for step, (stats, carried) in enumerate(rank_stats):
+        for step, (stats, carried, control) in enumerate(rank_stats):
             assert isinstance(stats, StepStats) and stats.step == step
             assert stats.bytes == carried, f"step {step}"
+            # A float32 flag to each other rank, and at the first step the agreement's row.
+            flag = 2 * 4
+            assert control == (flag + 2 * 8 * 6 if step == 0 else flag), f"step {step}"
             assert stats.fp32_allreduce_bytes == fp32_allreduce_bytes(2100 + 999 + 30, 3)
             assert stats.compress_seconds >= 0 and stats.communicate_seconds >= 0
         warm, compressed = rank_stats[0][0], rank_stats[1][0]

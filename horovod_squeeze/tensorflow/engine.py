@@ -12,11 +12,14 @@ Checkpoints carry a gathered snapshot instead (:mod:`horovod_squeeze.tensorflow.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import tensorflow as tf
 
 from horovod_squeeze.algorithms.base import Algorithm
 from horovod_squeeze.driver import run_to_end
+from horovod_squeeze.exchange import Collective
 from horovod_squeeze.plan import EngineOptions, Plan
 from horovod_squeeze.telemetry import StepStats, state_norms
 from horovod_squeeze.tensorflow import codecs
@@ -65,6 +68,9 @@ class SqueezeEngine(tf.Module):
                 warmup_steps=tf.Variable(plan.options.warmup_steps, dtype=tf.int64,
                                          trainable=False, name="warmup_steps"),
                 last_compressed=tf.Variable(False, trainable=False, name="last_compressed"),
+                last_skipped=tf.Variable(False, trainable=False, name="last_skipped"),
+                skipped_steps=tf.Variable(0, dtype=tf.int64, trainable=False,
+                                          name="skipped_steps"),
                 state={b.index: {name: tf.Variable(tf.zeros([numel], self._config.dtype),
                                                    trainable=False,
                                                    name=f"{name}_{b.index}")
@@ -86,30 +92,47 @@ class SqueezeEngine(tf.Module):
     state = property(lambda self: self._local.state)
     #: Whether the last step ran the algorithm (and the worker momentum): a boolean variable.
     last_compressed = property(lambda self: self._local.last_compressed)
+    #: Whether every rank skipped the last step (some rank's gradients had NaN or Inf), and how
+    #: many steps were skipped: variables.
+    last_skipped = property(lambda self: self._local.last_skipped)
+    skipped_steps = property(lambda self: self._local.skipped_steps)
 
     # --- the exchange -----------------------------------------------------------------------------
 
     @tf.autograph.experimental.do_not_convert  # plain Python control flow: it runs at trace time
     def __call__(self, grads: list) -> list:
         """Averaged gradients (or model increments), in the order of ``names``; ``None`` stays
-        ``None`` (and sends zeros, because other ranks may have a gradient there)."""
+        ``None`` (and sends zeros, because other ranks may have a gradient there).
+
+        If any rank's gradients hold NaN or Inf, every rank skips the step: NaN results, state and
+        step unchanged, ``last_skipped`` set and ``skipped_steps`` counted, rank 0 prints the ranks.
+        """
         cfg = self._config
         if len(grads) != len(cfg.names):
             raise ValueError(f"expected {len(cfg.names)} gradients, got {len(grads)}")
         flats = {b.index: self._flat(b, grads) for b in cfg.plan.buckets}
+        skip = tf.constant(False)
+        if flats:  # a flag every rank hears of; zeros travel instead of what is not finite
+            bad = tf.logical_not(tf.reduce_all(
+                tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in flats.values()])))
+            flags = run_to_end(cfg.comm, _allgather(tf.reshape(tf.cast(bad, tf.float32), [1])),
+                               f"{cfg.prefix}.finite")
+            skip = tf.reduce_any(flags > 0)
+            flats = {i: tf.where(bad, tf.zeros_like(f), f) for i, f in flats.items()}
+            self._report_skip(skip, flags)
         step = tf.identity(self._local.step)
         rate = None if cfg.learning_rate is None else tf.cast(cfg.learning_rate(), cfg.dtype)
         # What changes after warm-up: compressed buckets, and every bucket with worker momentum.
         switching = [b for b in cfg.plan.buckets
                      if b.compressed or cfg.plan.momentum is not None]
-        averaged = {b.index: self._run(b, flats[b.index], step, rate, warm=True)
+        averaged = {b.index: self._run(b, flats[b.index], step, rate, skip, warm=True)
                     for b in cfg.plan.buckets if b not in switching}
         if switching:
             warm = step < self._local.warmup_steps
-            run = lambda: [self._run(b, flats[b.index], step, rate, warm=False)  # noqa: E731
-                           for b in switching]
-            plain = lambda: [self._run(b, flats[b.index], step, rate, warm=True)  # noqa: E731
-                             for b in switching]
+            run = lambda: [self._run(b, flats[b.index], step, rate, skip,  # noqa: E731
+                                     warm=False) for b in switching]
+            plain = lambda: [self._run(b, flats[b.index], step, rate, skip,  # noqa: E731
+                                       warm=True) for b in switching]
             if tf.executing_eagerly():
                 results = plain() if bool(warm) else run()
             else:
@@ -117,8 +140,12 @@ class SqueezeEngine(tf.Module):
             averaged.update(zip((b.index for b in switching), results))
             self._local.last_compressed.assign(tf.logical_not(warm))
         self._log(step)
+        averaged = {i: tf.where(skip, tf.fill(tf.shape(a), tf.constant(np.nan, a.dtype)), a)
+                    for i, a in averaged.items()}
         with tf.control_dependencies([tf.group(list(averaged.values()))]):
-            self._local.step.assign_add(1)
+            self._local.step.assign_add(tf.where(skip, tf.constant(0, tf.int64), 1))
+            self._local.skipped_steps.assign_add(tf.where(skip, tf.constant(1, tf.int64), 0))
+            self._local.last_skipped.assign(skip)
         out = [None] * len(grads)
         for bucket in cfg.plan.buckets:
             for name, shape, start, stop in bucket.spans():
@@ -144,14 +171,13 @@ class SqueezeEngine(tf.Module):
                 raise ValueError(f"gradient of {name!r} has shape {tuple(grad.shape)}, "
                                  f"its variable {shape}")
             parts.append(tf.reshape(tf.cast(grad, self._config.dtype), [-1]))
-        # A data dependency, so no state or step update can run before the check fails.
-        return tf.debugging.check_numerics(
-            tf.concat(parts, axis=0), f"{bucket.describe()}: gradient has NaN or Inf values")
+        return tf.concat(parts, axis=0)
 
-    def _run(self, bucket, flat, step, rate, *, warm: bool) -> tf.Tensor:
+    def _run(self, bucket, flat, step, rate, skip, *, warm: bool) -> tf.Tensor:
         cfg = self._config
         state = self._local.state[bucket.index]
         current = {name: variable.value() for name, variable in state.items()}
+        before = dict(current)  # what a skipped step leaves
         scale = None
         if cfg.plan.momentum is not None and not warm:
             kept = current["momentum"]
@@ -166,7 +192,7 @@ class SqueezeEngine(tf.Module):
                              momentum_scale=scale)
         result = run_to_end(cfg.comm, steps, f"{cfg.prefix}.b{bucket.index}")
         for name, value in result.state.items():
-            state[name].assign(value)
+            state[name].assign(tf.where(skip, before[name], value))
         return result.output
 
     def _momentum_start(self, bucket) -> tf.Tensor:
@@ -178,6 +204,23 @@ class SqueezeEngine(tf.Module):
             parts.append(tf.zeros([stop - start], self._config.dtype) if value is None
                          else tf.reshape(tf.cast(value, self._config.dtype), [-1]))
         return tf.concat(parts, axis=0)
+
+    def _report_skip(self, skip, flags) -> None:
+        if self.comm.rank != 0:
+            return
+
+        def report():
+            ranks = tf.reshape(tf.where(flags > 0), [-1])
+            tf.print("horovod_squeeze: step", self._local.step, ": NaN or Inf in the gradients "
+                     "of rank(s)", ranks, "; every rank skips the step, the algorithm's state "
+                     "unchanged", output_stream=sys.stderr)
+            return tf.constant(True)
+
+        if tf.executing_eagerly():
+            if bool(skip):
+                report()
+        else:
+            tf.cond(skip, report, lambda: tf.constant(False))
 
     def _log(self, step) -> None:
         every = self._config.plan.options.log_every
@@ -226,3 +269,8 @@ class SqueezeEngine(tf.Module):
             for name, variable in bucket_state.items():
                 if name in self._config.plan.gradient_state():
                     variable.assign(variable * factor)
+
+
+def _allgather(tensor):
+    """The non-finite flags' one collective, as an exchange generator."""
+    return (yield Collective("allgather", tensor, "finite"))

@@ -36,6 +36,12 @@ class SqueezeEngine:
     the gradients' device if they arrive elsewhere. Residuals in gradient units are rescaled by ``old / new`` when the
     ``learning_rate`` callable's value changes between steps.
 
+    Non-finite gradients: if any rank's gradients hold NaN or Inf, every rank skips the step: the
+    results are NaN on every rank (so AMP's ``GradScaler`` sees an overflow and lowers its scale),
+    the state and the step counter stay as they were, ``skipped_last_step`` is set,
+    ``skipped_steps`` counts it and rank 0 logs the ranks. What travels that step is zeros, so
+    every collective still matches.
+
     Statistics: ``last_stats`` (bytes and timings of the last step), :meth:`state_norms`.
     Checkpoints: :mod:`horovod_squeeze.torch.state`; :meth:`load_later` takes saved state without
     a collective, and the first step's agreement (:meth:`agree`, see :mod:`horovod_squeeze.resume`)
@@ -71,6 +77,10 @@ class SqueezeEngine:
         self.last_stats: StepStats | None = None
         self._pending: resume.Pending | None = None  # loaded, waiting for the agreement
         self._agreed = False
+        self.skipped_steps = 0
+        self.skipped_last_step = False
+        self._nonfinite = None  # this step: whether this rank's gradients so far had NaN or Inf
+        self._verdict: InFlight | None = None  # every rank's flag, gathered
 
     algorithm = property(lambda self: self.plan.algorithm)
     exchange = property(lambda self: self.plan.exchange)
@@ -135,6 +145,10 @@ class SqueezeEngine:
         self._dtypes.update({name: grads[name].dtype for name in bucket.names})
         flat = torch.cat([grads[name].detach().reshape(-1).to(self.dtype)
                           for name in bucket.names])
+        # A flag, not an error: every rank must hear of it. Zeros travel instead (no sync).
+        bad = ~torch.isfinite(flat).all()
+        flat.masked_fill_(bad, 0.0)
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         self._grads[bucket.index] = {}
         state = self._state_on(bucket, flat.device)
         if self.plan.momentum is not None and self.step == self.plan.options.warmup_steps:
@@ -145,6 +159,9 @@ class SqueezeEngine:
                               rank=self.comm.rank, warm=not self.compressing, learning_rate=rate,
                               momentum_scale=scale)
         self._flights.append((bucket, InFlight(self.comm, steps, f"{self._scope}.b{bucket.index}")))
+        if len(self._flights) == len(self.plan.buckets):  # the last bucket: the flag is final
+            self._verdict = InFlight(self.comm, _allgather(self._nonfinite.float().reshape(1)),
+                                     f"{self._scope}.finite")
 
     def _state_on(self, bucket, device: torch.device) -> dict:
         state = self.state[bucket.index]
@@ -154,11 +171,19 @@ class SqueezeEngine:
         return state
 
     def finish(self) -> None:
-        """Completes every launched bucket, stores its state and results; advances the step."""
-        while any(not flight.done for _, flight in self._flights):
-            for _, flight in self._flights:
+        """Completes every launched bucket, stores its state and results; advances the step (or
+        skips it on every rank, if any rank's gradients were not finite)."""
+        flights = self._flights + [(None, self._verdict)]
+        while any(not flight.done for _, flight in flights):
+            for _, flight in flights:
                 if not flight.done:
                     flight.resume()
+        flags = self._verdict.result.cpu().tolist()
+        self._verdict, self._nonfinite = None, None
+        self.skipped_last_step = any(flags)
+        if self.skipped_last_step:
+            self._skip([rank for rank, flag in enumerate(flags) if flag])
+            return
         timing = [0.0, 0.0, 0.0]
         for bucket, flight in self._flights:
             for name, value in flight.result.state.items():
@@ -170,6 +195,20 @@ class SqueezeEngine:
                       timing[2] + flight.finish_seconds]
         self._flights = []
         self._end_step(timing)
+
+    def _skip(self, ranks: list[int]) -> None:
+        """Drops the step on every rank: no state stored, the step not counted, NaN results."""
+        for bucket, flight in self._flights:
+            output = flight.result.output
+            for name, shape, _, _ in bucket.spans():
+                self._results[name] = torch.full(shape, float("nan"), dtype=self._dtypes[name],
+                                                 device=output.device)
+        self._flights = []
+        self.skipped_steps += 1
+        if self.comm.rank == 0:
+            logger.warning("step %d: NaN or Inf in the gradients of rank(s) %s; every rank skips "
+                           "the step, the algorithm's state unchanged (%d skipped so far)",
+                           self.step, ranks, self.skipped_steps)
 
     def _end_step(self, timing) -> None:
         warm = self.step < self.plan.options.warmup_steps

@@ -9,6 +9,8 @@ that returns the averaged gradient.
 """
 from __future__ import annotations
 
+import warnings
+
 import horovod.torch as hvd
 import torch
 from horovod.torch.compression import Compression
@@ -116,19 +118,27 @@ class _SqueezeOptimizer(_DistributedOptimizer):
                           variance_step=variance_step, beta2=group["betas"][1], eps=group["eps"])
 
     def step(self, closure=None):
-        """As Horovod's, with three exceptions: an algorithm whose output is a model increment
+        """As Horovod's, with four exceptions: nothing happens if any rank's gradients held NaN
+        or Inf (every rank skips the step; see :class:`SqueezeEngine`); an algorithm whose output
+        is a model increment
         adds it to the parameters instead of running the wrapped optimizer's step; with worker
         momentum, SGD steps with its own momentum and L2 term off (the exchange carried them) and
         Adam takes the frozen-variance step of :func:`horovod_squeeze.momentum.frozen_adam_update`
         on the exchanged direction."""
         output = self._squeeze.algorithm.output
         worker_momentum = self._squeeze_worker_momentum_now()
-        if output != MODEL_INCREMENT and not worker_momentum:
-            return _DistributedOptimizer.step(self, closure)
-        loss = closure() if closure is not None else None
         if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
+                              "context after optimizer.synchronize(). This can cause training "
+                              "slowdown.")
             self.synchronize()
         self._synchronized = False
+        if self._squeeze.skipped_last_step:
+            return None  # some rank's gradients were not finite: every rank skips the step
+        if output != MODEL_INCREMENT and not worker_momentum:
+            return super(self.__class__, self).step(closure)
+        loss = closure() if closure is not None else None
         if output == MODEL_INCREMENT:
             with torch.no_grad():
                 for group in self.param_groups:

@@ -53,6 +53,24 @@ class _SqueezeOptimizer:
         return {} if engine is None else engine.state_norms()
 
     def update_step(self, gradient, variable):
+        """Nothing when every rank skipped the step (some rank's gradients had NaN or Inf);
+        otherwise :meth:`_squeeze_update_step`."""
+        engine = self._squeeze.engine
+        if engine is None:
+            return self._squeeze_update_step(gradient, variable)
+        if tf.executing_eagerly():
+            if not bool(engine.last_skipped):
+                self._squeeze_update_step(gradient, variable)
+            return None
+
+        def run():
+            self._squeeze_update_step(gradient, variable)
+            return tf.constant(True)
+
+        tf.cond(engine.last_skipped, lambda: tf.constant(False), run)
+        return None
+
+    def _squeeze_update_step(self, gradient, variable):
         """The wrapped optimizer's step; for an algorithm that updates the model, adding its
         increment (a local variable's gradient, which did not go through the exchange, takes the
         wrapped plain SGD's step); after warm-up with worker momentum, SGD's step without its
