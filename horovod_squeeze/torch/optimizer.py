@@ -33,11 +33,12 @@ __all__ = ["DistributedOptimizer"]
 
 class _SqueezeOptimizer(_DistributedOptimizer):
     def __init__(self, params, named_parameters, algorithm, backward_passes_per_step, op,
-                 gradient_predivide_factor, process_set, engine_options, momentum_kind):
+                 gradient_predivide_factor, sparse_as_dense, process_set, engine_options,
+                 momentum_kind):
         _DistributedOptimizer.__init__(self, params, named_parameters, Compression.none,
                                        backward_passes_per_step=backward_passes_per_step, op=op,
                                        gradient_predivide_factor=gradient_predivide_factor,
-                                       process_set=process_set)
+                                       sparse_as_dense=sparse_as_dense, process_set=process_set)
         trained = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         self._squeeze_momentum_kind = momentum_kind  # None, "sgd" or "adam"
         self._squeeze_group_of = {p: group for group in self.param_groups for p in group["params"]}
@@ -60,15 +61,36 @@ class _SqueezeOptimizer(_DistributedOptimizer):
         if p.grad is None:
             # As in Horovod: another rank may have a gradient for it, so contribute zeros.
             p.grad = p.data.new(p.size()).zero_()
-        if p.grad.is_sparse:
-            raise ValueError(f"{self._parameter_names[p]}: sparse gradients cannot be compressed; "
-                             "use dense gradients (e.g. sparse=False in torch.nn.Embedding)")
         name = self._parameter_names[p]
-        grad = p.grad if self._squeeze_prescale == 1.0 else p.grad * self._squeeze_prescale
+        grad = p.grad
+        if grad.is_sparse:
+            if not self.sparse_as_dense:
+                return self._squeeze_sparse(p, name)
+            grad = grad.to_dense()
+        if self._squeeze_prescale != 1.0:
+            grad = grad * self._squeeze_prescale
         if self._squeeze_worker_momentum_now() or self._squeeze.algorithm.output == MODEL_INCREMENT:
             grad = self._squeeze_with_l2(p, grad)
         self._squeeze.submit(name, grad)
         return self._squeeze_result(name), None
+
+    def _squeeze_sparse(self, p, name):
+        """A sparse gradient takes Horovod's sparse path, uncompressed, as under Horovod's
+        optimizer; its bucket gets zeros (which leave its state at zero)."""
+        if self._squeeze.algorithm.output == MODEL_INCREMENT or self._squeeze_worker_momentum_now():
+            raise ValueError(
+                f"{name}: a sparse gradient is averaged uncompressed, outside "
+                f"{self._squeeze.algorithm!r}'s model step and the worker momentum; pass "
+                "sparse_as_dense=True (or use dense gradients, e.g. sparse=False in "
+                "torch.nn.Embedding)")
+        handle = hvd.sparse_allreduce_async(p.grad, name=f"squeeze.sparse.{name}", op=self.op,
+                                            process_set=self.process_set)
+        self._squeeze.submit(name, torch.zeros(p.shape, dtype=p.dtype, device=p.device))
+
+        def result():
+            self._squeeze.result(name)  # the zeros' bucket: finishes the step with the others
+            return handle()  # Horovod's sparse handle is a callable
+        return result, None
 
     def _squeeze_learning_rate(self) -> float:
         rates = {group["lr"] for group in self.param_groups}
@@ -272,6 +294,7 @@ def _worker_momentum(param_groups, kind: str | None) -> WorkerMomentum | None:
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None,
                          compression=Compression.none, backward_passes_per_step: int = 1,
                          op=hvd.Average, gradient_predivide_factor: float = 1.0,
+                         num_groups: int = 0, groups=None, sparse_as_dense: bool = False,
                          process_set=hvd.global_process_set, *, exchange="sharded",
                          bucket_cap_mb=25.0, min_compress_numel=1024, warmup_steps=None,
                          log_every=0, worker_momentum=True, precision=None):
@@ -283,6 +306,11 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
       compression: an algorithm, e.g. ``hs.DoubleSqueeze(hs.ScaledSign())``,
         ``hs.ErrorFeedback(hs.TopK(0.01))`` or ``hs.NoFeedback(...)``. Horovod's own
         ``Compression.none`` / ``Compression.fp16`` give Horovod's optimizer unchanged.
+      num_groups, groups: checked as Horovod checks them, and otherwise without effect: they
+        choose which allreduces Horovod fuses, and the engine's buckets fuse every gradient.
+      sparse_as_dense: as Horovod's. Without it a sparse gradient (``nn.Embedding(sparse=True)``)
+        is averaged by Horovod's sparse allreduce, uncompressed (its bucket gets zeros); that
+        needs an algorithm that averages gradients and no worker momentum (else ``ValueError``).
       exchange, bucket_cap_mb, min_compress_numel, warmup_steps, log_every: see
         :class:`horovod_squeeze.plan.EngineOptions` (logs go to the ``horovod_squeeze`` logger).
         ``warmup_steps`` defaults to 0, or for Adam to
@@ -336,7 +364,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
                                         compression=compression,
                                         backward_passes_per_step=backward_passes_per_step, op=op,
                                         gradient_predivide_factor=gradient_predivide_factor,
-                                        process_set=process_set)
+                                        num_groups=num_groups, groups=groups,
+                                        sparse_as_dense=sparse_as_dense, process_set=process_set)
     if op not in (hvd.Average, hvd.Sum):
         raise ValueError("compressed exchanges average gradients; op must be hvd.Average or hvd.Sum")
     if backward_passes_per_step <= 0:
@@ -355,7 +384,29 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                {**_DistributedOptimizer.__dict__, **_SqueezeOptimizer.__dict__,
                 "__module__": _DistributedOptimizer.__module__})
+    _check_groups(num_groups, groups)
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
-               gradient_predivide_factor, process_set,
+               gradient_predivide_factor, sparse_as_dense, process_set,
                vars(EngineOptions(exchange, bucket_cap_mb, min_compress_numel, warmup_steps,
                                   log_every, precision)), kind)
+
+
+def _check_groups(num_groups, groups) -> None:
+    """Horovod's grouping options, checked as Horovod checks them. They only choose which
+    allreduces Horovod fuses, and the engine's buckets fuse every gradient already."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
+        raise ValueError(f"num_groups must be an integer >= 0, got {num_groups!r}")
+    if groups is None:
+        return
+    if isinstance(groups, list):
+        seen = set()
+        for group in groups:
+            for tensor in group:
+                if not isinstance(tensor, torch.Tensor):
+                    raise ValueError("groups must consist of torch.Tensor")
+                if id(tensor) in seen:
+                    raise ValueError("a parameter can only appear once in groups")
+                seen.add(id(tensor))
+    elif isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        raise ValueError(f"groups should be a positive integer or a list of lists of "
+                         f"torch.Tensor, got {groups!r}")
