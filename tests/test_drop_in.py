@@ -84,3 +84,42 @@ def test_grouping_options_are_checked_as_horovod_checks_them():
     for groups, num_groups, message in cases:
         got = run_on_ranks(_bad_groups, 2, "gloo", args=(groups, num_groups), timeout=120)
         assert all(message in error for error in got), got
+
+
+def _two_optimizers(steps):
+    """Rank body: one backward pass feeds two optimizers, each over half of the model."""
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    hvd.init()
+    torch.manual_seed(0)
+    encoder, head = torch.nn.Linear(30, 40), torch.nn.Linear(40, 2)
+    first = hst.DistributedOptimizer(torch.optim.SGD(encoder.parameters(), lr=0.1),
+                                     named_parameters=encoder.named_parameters(prefix="encoder"),
+                                     compression=hs.DoubleSqueeze(hs.ScaledSign()),
+                                     min_compress_numel=0)
+    second = hst.DistributedOptimizer(torch.optim.SGD(head.parameters(), lr=0.1),
+                                      named_parameters=head.named_parameters(prefix="head"),
+                                      compression=hs.ErrorFeedback(hs.TopK(0.2)),
+                                      exchange="allgather", min_compress_numel=0)
+    for module in (encoder, head):
+        hvd.broadcast_parameters(module.state_dict(), root_rank=0)
+    x = torch.randn(16, 30, generator=torch.Generator().manual_seed(hvd.rank()))
+    for _ in range(steps):
+        first.zero_grad()
+        second.zero_grad()
+        head(torch.relu(encoder(x))).pow(2).mean().backward()
+        first.step()
+        second.step()
+    return [p.detach().numpy().copy() for p in (*encoder.parameters(), *head.parameters())], \
+        first.squeeze_engine.step, second.squeeze_engine.step
+
+
+def test_two_optimizers_share_one_backward_pass():
+    results = run_on_ranks(_two_optimizers, 2, "gloo", args=(4,), timeout=120)
+    for weights, first, second in results:
+        assert first == second == 4
+        for mine, theirs in zip(weights, results[0][0]):
+            np.testing.assert_array_equal(mine, theirs)
