@@ -123,3 +123,40 @@ def test_two_optimizers_share_one_backward_pass():
         assert first == second == 4
         for mine, theirs in zip(weights, results[0][0]):
             np.testing.assert_array_equal(mine, theirs)
+
+
+def _keras_round_trip():
+    import os
+
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import horovod.tensorflow.keras as hvd
+    import tensorflow as tf
+
+    import horovod_squeeze.tensorflow.keras as hsk
+
+    hvd.init()
+    algorithm = hs.DoubleSqueeze(hs.TopK(0.1))
+    original = hsk.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9),
+                                        compression=algorithm, exchange="allgather",
+                                        min_compress_numel=10, warmup_steps=3,
+                                        backward_passes_per_step=2)
+    rebuilt = type(original).from_config(original.get_config())
+    model = tf.keras.Sequential([tf.keras.layers.Dense(4)])
+    model.compile(optimizer=rebuilt, loss="mse")
+    x = np.random.default_rng(hvd.rank()).standard_normal((16, 8)).astype(np.float32)
+    model.fit(x, np.zeros((16, 4), np.float32), batch_size=4, epochs=1, verbose=0,
+              callbacks=[hsk.callbacks.BroadcastGlobalVariablesCallback(0)])
+    return (rebuilt._squeeze.algorithm == algorithm, rebuilt._squeeze.options,
+            rebuilt.get_config()["momentum"], rebuilt._agg_helper is not None,
+            int(rebuilt.squeeze_engine.step.numpy()), model.get_weights())
+
+
+def test_keras_from_config_keeps_the_algorithm_and_every_option():
+    results = run_on_ranks(_keras_round_trip, 2, "gloo", timeout=180)
+    for same, options, momentum, aggregating, steps, weights in results:
+        assert same and momentum == 0.9 and aggregating
+        assert (options.exchange, options.min_compress_numel, options.warmup_steps) == (
+            "allgather", 10, 3)
+        assert steps == 2  # 4 batches, 2 backward passes per exchange
+        for mine, theirs in zip(weights, results[0][5]):
+            np.testing.assert_array_equal(mine, theirs)

@@ -71,7 +71,9 @@ class BroadcastGlobalVariablesCallback(Callback):
         self._done = False
 
     def on_train_begin(self, logs=None):
-        if self.model.variables:
+        # A model without an input shape has no weights before its first batch: the broadcast
+        # after that batch covers them.
+        if self.model.built and self.model.variables:
             hvd.broadcast_variables(self.model.variables, root_rank=self.root_rank)
 
     def on_train_batch_end(self, batch, logs=None):

@@ -32,6 +32,14 @@ __all__ = ["DistributedOptimizer"]
 class _SqueezeOptimizer:
     """What the wrapped optimizer adds to Horovod's, mirroring the PyTorch optimizer."""
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """The wrapped optimizer rebuilt from ``config``, wrapped again with the same algorithm and
+        options, and a fresh engine (Horovod's class alone would rebuild it around a plain
+        allreduce)."""
+        inner = cls.__bases__[0].from_config(config, custom_objects=custom_objects)
+        return DistributedOptimizer(inner, **cls._squeeze_arguments)
+
     def build_squeeze(self, variables):
         """Builds the engine for ``variables`` now (callbacks do this at the start of ``fit``, so
         a checkpoint's residuals are restored before the first step)."""
@@ -175,6 +183,7 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
         model.fit(x, y, callbacks=[hsk.callbacks.BroadcastGlobalVariablesCallback(0),
                                    hsk.callbacks.MetricAverageCallback()])
     """
+    arguments = {key: value for key, value in locals().items() if key != "optimizer"}
     if isinstance(compression, Compressor):
         check_algorithm(compression)
     compressed = isinstance(compression, Algorithm)
@@ -246,4 +255,5 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
     for attribute, value in vars(_SqueezeOptimizer).items():
         if not attribute.startswith("__"):
             setattr(type(distributed), attribute, value)
+    type(distributed)._squeeze_arguments = arguments
     return distributed
