@@ -70,6 +70,8 @@ class SqueezeEngine:
                                 for name, numel in self.plan.state_layout(b).items()}
                       for b in self.plan.buckets}
         self._bucket_of = {name: b for b in self.plan.buckets for name in b.names}
+        self._shape_of = {name: shape for b in self.plan.buckets
+                          for name, shape in zip(b.names, b.shapes)}
         self._grads: dict[int, dict[str, torch.Tensor]] = {b.index: {} for b in self.plan.buckets}
         self._dtypes: dict[str, torch.dtype] = {}
         self._flights: list = []
@@ -94,6 +96,13 @@ class SqueezeEngine:
         grads = self._grads[bucket.index]
         if name in grads:
             raise RuntimeError(f"gradient of {name!r} submitted twice in one step")
+        if not grad.dtype.is_floating_point:
+            raise TypeError(f"gradient of {name!r}: expected a floating-point tensor, got "
+                            f"{grad.dtype}")
+        shape = self._shape_of[name]
+        if tuple(grad.shape) != shape:
+            raise ValueError(f"gradient of {name!r} has shape {tuple(grad.shape)}, its "
+                             f"parameter {shape}")
         grads[name] = grad
         if len(grads) == len(bucket.names):
             self._launch(bucket)
