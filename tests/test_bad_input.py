@@ -210,18 +210,19 @@ def test_one_rank_runs_the_algorithm():
 # --- ranks that disagree ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("differ, field", [
     ({"algorithm": hs.ErrorFeedback(hs.ScaledSign())}, "algorithm"),
     ({"exchange": "allgather"}, "exchange"),
     ({"shapes": {**SHAPES, "w": (11, 37)}}, "parameters"),
     ({"warmup_steps": 2}, "options"),
 ])
-def test_ranks_built_differently_fail_together(differ, field):
+def test_ranks_built_differently_fail_together(framework, differ, field):
     def body(comm):
-        engine = _engine("torch", comm, **(differ if comm.rank == 1 else {}))
+        engine = _engine(framework, comm, **(differ if comm.rank == 1 else {}))
         shapes = differ.get("shapes", SHAPES) if comm.rank == 1 else SHAPES
         with pytest.raises(ValueError, match=rf"ranks \[1\] were built with another {field}"):
-            _step("torch", engine, _gradients(comm.rank, shapes))
+            _step(framework, engine, _gradients(comm.rank, shapes))
         return True
 
     assert _run(2, body) == [True, True]

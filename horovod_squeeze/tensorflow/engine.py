@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+from horovod_squeeze import resume
 from horovod_squeeze.algorithms.base import Algorithm
 from horovod_squeeze.driver import run_to_end
 from horovod_squeeze.exchange import Collective
@@ -60,7 +61,7 @@ class SqueezeEngine(tf.Module):
                                   index={name: i for i, name in enumerate(names)},
                                   learning_rate=learning_rate, momentum_source=momentum_source,
                                   momentum_scale=momentum_scale,
-                                  prefix=comm.new_scope(),
+                                  prefix=comm.new_scope(), agreed=False,
                                   dtype=tf.as_dtype(plan.precision))
         with tf.init_scope(), tf.device(device):
             self._local = _Untracked(
@@ -99,6 +100,20 @@ class SqueezeEngine(tf.Module):
 
     # --- the exchange -----------------------------------------------------------------------------
 
+    def agree(self) -> None:
+        """Once, eagerly (the wrappers call it when they build the engine): every rank allgathers
+        a fingerprint of its configuration, and ranks built differently fail together with the
+        same ``ValueError`` (:func:`horovod_squeeze.resume.decide`)."""
+        cfg = self._config
+        if cfg.agreed:
+            return
+        row = resume.agreement_row(cfg.plan, None, 0)
+        with tf.device("/cpu:0"):
+            gathered = run_to_end(cfg.comm, _allgather(tf.constant(row, tf.int64), "agree"),
+                                  f"{cfg.prefix}.agree")
+        resume.decide(np.reshape(gathered.numpy(), (cfg.comm.size, len(row))), cfg.comm.rank)
+        cfg.agreed = True
+
     @tf.autograph.experimental.do_not_convert  # plain Python control flow: it runs at trace time
     def __call__(self, grads: list) -> list:
         """Averaged gradients (or model increments), in the order of ``names``; ``None`` stays
@@ -110,13 +125,15 @@ class SqueezeEngine(tf.Module):
         cfg = self._config
         if len(grads) != len(cfg.names):
             raise ValueError(f"expected {len(cfg.names)} gradients, got {len(grads)}")
+        if not cfg.agreed and tf.executing_eagerly():
+            self.agree()
         flats = {b.index: self._flat(b, grads) for b in cfg.plan.buckets}
         skip = tf.constant(False)
         if flats:  # a flag every rank hears of; zeros travel instead of what is not finite
             bad = tf.logical_not(tf.reduce_all(
                 tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in flats.values()])))
-            flags = run_to_end(cfg.comm, _allgather(tf.reshape(tf.cast(bad, tf.float32), [1])),
-                               f"{cfg.prefix}.finite")
+            flags = run_to_end(cfg.comm, _allgather(tf.reshape(tf.cast(bad, tf.float32), [1]),
+                                                    "finite"), f"{cfg.prefix}.finite")
             skip = tf.reduce_any(flags > 0)
             flats = {i: tf.where(bad, tf.zeros_like(f), f) for i, f in flats.items()}
             self._report_skip(skip, flags)
@@ -271,6 +288,6 @@ class SqueezeEngine(tf.Module):
                     variable.assign(variable * factor)
 
 
-def _allgather(tensor):
-    """The non-finite flags' one collective, as an exchange generator."""
-    return (yield Collective("allgather", tensor, "finite"))
+def _allgather(tensor, name: str):
+    """One control collective (the agreement, the non-finite flags) as an exchange generator."""
+    return (yield Collective("allgather", tensor, name))

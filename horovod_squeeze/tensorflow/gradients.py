@@ -84,6 +84,7 @@ class SqueezeGradients:
                                        device=variables[0].device if variables else None,
                                        learning_rate=self.learning_rate, momentum=self.momentum,
                                        **sources, **options)
+                engine.agree()  # every rank builds its engine at the same point
                 self.engines[key] = engine
                 self._compiled[key] = tf.function(functools.partial(self._exchange, engine),
                                                   autograph=False)
