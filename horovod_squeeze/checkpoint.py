@@ -32,7 +32,7 @@ from horovod_squeeze.exchange import Collective, Sharded
 from horovod_squeeze.plan import Plan
 
 __all__ = ["FORMAT_VERSION", "gather", "to_checkpoint", "restore", "serialize", "deserialize",
-           "parameters_of"]
+           "check_version", "parameters_of"]
 
 FORMAT_VERSION = 2
 
@@ -86,6 +86,14 @@ def to_checkpoint(plan: Plan, gathered: dict, step: int, learning_rate=None) -> 
             "parameters": parameters_of(plan), "state": state}
 
 
+def check_version(saved) -> None:
+    """A ``ValueError`` unless ``saved`` is a dict of this format's version."""
+    version = saved.get("version") if isinstance(saved, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"unsupported horovod_squeeze state version {version!r} "
+                         f"(this version reads {FORMAT_VERSION})")
+
+
 def parameters_of(plan: Plan) -> list[tuple[str, tuple[int, ...]]]:
     """The parameters that have state, in bucket order: names and shapes."""
     return [(name, shape) for bucket in plan.buckets if plan.state_specs(bucket)
@@ -112,10 +120,7 @@ def _saved_names(plan: Plan, saved: dict) -> dict[str, str]:
 def restore(plan: Plan, saved: dict, rank: int) -> tuple[int, dict]:
     """``(step, {bucket index: {name: array}})``: this rank's state from a checkpoint, each array
     of the live tensor's length (padding zero)."""
-    version = saved.get("version") if isinstance(saved, dict) else None
-    if version != FORMAT_VERSION:
-        raise ValueError(f"unsupported horovod_squeeze state version {version!r} "
-                         f"(this version reads {FORMAT_VERSION})")
+    check_version(saved)
     old_size = int(saved["world_size"])
     wanted = {spec.name: spec for spec in plan.state_specs()}
     missing = sorted(set(wanted) - set(saved["state"]))

@@ -16,7 +16,7 @@ from typing import Any, Generator
 
 from horovod_squeeze.exchange import Collective
 
-__all__ = ["InFlight", "run_to_end"]
+__all__ = ["InFlight", "run_to_end", "single"]
 
 
 class InFlight:
@@ -62,3 +62,8 @@ def run_to_end(collectives, steps: Generator[Collective, Any, Any], prefix: str)
     while not flight.done:
         flight.resume()
     return flight.result
+
+
+def single(collective: Collective):
+    """One collective as an exchange generator (the engines' small control messages)."""
+    return (yield collective)

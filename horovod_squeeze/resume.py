@@ -81,10 +81,7 @@ def prepare(plan: Plan, saved: dict, rank: int) -> Pending:
     if not (isinstance(saved, dict) and saved.get("kind") == LOCAL_KIND):
         step, state = checkpoint.restore(plan, saved, rank)
         return Pending(EVERY_RANK, step, saved.get("learning_rate"), state, saved)
-    version = saved.get("version")
-    if version != checkpoint.FORMAT_VERSION:
-        raise ValueError(f"unsupported horovod_squeeze state version {version!r} "
-                         f"(this version reads {checkpoint.FORMAT_VERSION})")
+    checkpoint.check_version(saved)
     for field, mine in (("algorithm", repr(plan.algorithm)), ("exchange", plan.exchange.name)):
         if saved[field] != mine:
             raise ValueError(f"the saved state comes from {field} {saved[field]}, this optimizer "

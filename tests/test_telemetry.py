@@ -137,7 +137,7 @@ class _Counting:
             sent = received = 2 * (n - 1) * nbytes // n
         # The control collectives (the first step's agreement, every step's non-finite flags)
         # carry a few bytes outside the exchange's accounting.
-        kind = ("control" if name.endswith((".agree", ".finite")) else
+        kind = ("control" if name.endswith((".agree.rows", ".finite.flags")) else
                 "pass2" if name.endswith("pass2") else "pass1")
         self.sent[kind] = self.sent.get(kind, 0) + sent
         self.received[kind] = self.received.get(kind, 0) + received

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from horovod_squeeze import resume
 from horovod_squeeze.algorithms.base import Algorithm
-from horovod_squeeze.driver import run_to_end
+from horovod_squeeze.driver import run_to_end, single
 from horovod_squeeze.exchange import Collective
 from horovod_squeeze.plan import EngineOptions, Plan
 from horovod_squeeze.telemetry import StepStats, state_norms
@@ -45,8 +45,8 @@ class SqueezeEngine(tf.Module):
     Internal state: ``step``, and ``state[bucket][name]`` (``tf.Variable``\\ s in the plan's
     precision, on ``device``) for each named state (``plan.state_specs()``: the worker momentum's,
     given ``momentum``, which starts from ``momentum_source(name)`` when warm-up ends and is sent
-    times ``momentum_scale(name)`` if given, and the algorithm's); ``snapshot`` (tracked, a string) holds every rank's state
-    serialized for checkpoints.
+    times ``momentum_scale(name)`` if given, and the algorithm's); ``snapshot`` (tracked, a
+    string) holds every rank's state serialized for checkpoints.
     """
 
     def __init__(self, algorithm: Algorithm, named_shapes, *, collectives=None, device=None,
@@ -109,8 +109,8 @@ class SqueezeEngine(tf.Module):
             return
         row = resume.agreement_row(cfg.plan, None, 0)
         with tf.device("/cpu:0"):
-            gathered = run_to_end(cfg.comm, _allgather(tf.constant(row, tf.int64), "agree"),
-                                  f"{cfg.prefix}.agree")
+            gathered = run_to_end(cfg.comm, single(Collective(
+                "allgather", tf.constant(row, tf.int64), "rows")), f"{cfg.prefix}.agree")
         resume.decide(np.reshape(gathered.numpy(), (cfg.comm.size, len(row))), cfg.comm.rank)
         cfg.agreed = True
 
@@ -132,8 +132,9 @@ class SqueezeEngine(tf.Module):
         if flats:  # a flag every rank hears of; zeros travel instead of what is not finite
             bad = tf.logical_not(tf.reduce_all(
                 tf.stack([tf.reduce_all(tf.math.is_finite(f)) for f in flats.values()])))
-            flags = run_to_end(cfg.comm, _allgather(tf.reshape(tf.cast(bad, tf.float32), [1]),
-                                                    "finite"), f"{cfg.prefix}.finite")
+            flags = run_to_end(cfg.comm, single(Collective(
+                "allgather", tf.reshape(tf.cast(bad, tf.float32), [1]), "flags")),
+                f"{cfg.prefix}.finite")
             skip = tf.reduce_any(flags > 0)
             flats = {i: tf.where(bad, tf.zeros_like(f), f) for i, f in flats.items()}
             self._report_skip(skip, flags)
@@ -226,18 +227,10 @@ class SqueezeEngine(tf.Module):
         if self.comm.rank != 0:
             return
 
-        def report():
-            ranks = tf.reshape(tf.where(flags > 0), [-1])
-            tf.print("horovod_squeeze: step", self._local.step, ": NaN or Inf in the gradients "
-                     "of rank(s)", ranks, "; every rank skips the step, the algorithm's state "
-                     "unchanged", output_stream=sys.stderr)
-            return tf.constant(True)
-
-        if tf.executing_eagerly():
-            if bool(skip):
-                report()
-        else:
-            tf.cond(skip, report, lambda: tf.constant(False))
+        _run_if(skip, lambda: tf.print(
+            "horovod_squeeze: step", self._local.step, ": NaN or Inf in the gradients of rank(s)",
+            tf.reshape(tf.where(flags > 0), [-1]), "; every rank skips the step, the algorithm's "
+            "state unchanged", output_stream=sys.stderr))
 
     def _log(self, step) -> None:
         every = self._config.plan.options.log_every
@@ -246,16 +239,8 @@ class SqueezeEngine(tf.Module):
         due = tf.equal((step + 1) % every, 0)
         compressed, plain = self.stats_of(True), self.stats_of(False)
 
-        def report():
-            line = tf.where(self._local.last_compressed, compressed.details(), plain.details())
-            tf.print("horovod_squeeze: step", step, line)
-            return tf.constant(True)
-
-        if tf.executing_eagerly():
-            if bool(due):
-                report()
-        else:
-            tf.cond(due, report, lambda: tf.constant(False))
+        _run_if(due, lambda: tf.print("horovod_squeeze: step", step, tf.where(
+            self._local.last_compressed, compressed.details(), plain.details())))
 
     # --- telemetry and state --------------------------------------------------------------------------
 
@@ -288,6 +273,16 @@ class SqueezeEngine(tf.Module):
                     variable.assign(variable * factor)
 
 
-def _allgather(tensor, name: str):
-    """One control collective (the agreement, the non-finite flags) as an exchange generator."""
-    return (yield Collective("allgather", tensor, name))
+
+def _run_if(condition, action) -> None:
+    """``action()`` where ``condition`` holds: at once when eager, as a ``tf.cond`` in a graph."""
+    if tf.executing_eagerly():
+        if bool(condition):
+            action()
+        return
+
+    def run():
+        action()
+        return tf.constant(True)
+
+    tf.cond(condition, run, lambda: tf.constant(False))

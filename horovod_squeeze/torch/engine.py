@@ -14,7 +14,7 @@ import torch
 
 from horovod_squeeze import resume
 from horovod_squeeze.algorithms.base import Algorithm
-from horovod_squeeze.driver import InFlight, run_to_end
+from horovod_squeeze.driver import InFlight, run_to_end, single
 from horovod_squeeze.exchange import Collective, PassBytes
 from horovod_squeeze.plan import EngineOptions, Plan
 from horovod_squeeze.telemetry import StepStats, state_norms
@@ -33,8 +33,8 @@ class SqueezeEngine:
     Internal state: ``step`` (drives warm-up and the random streams) and ``state[bucket][name]``,
     this rank's tensors of each named state (``plan.state_specs()``: the worker momentum's, given
     ``momentum``, and the algorithm's), in the plan's precision, created on ``device`` and moved to
-    the gradients' device if they arrive elsewhere. Residuals in gradient units are rescaled by ``old / new`` when the
-    ``learning_rate`` callable's value changes between steps.
+    the gradients' device if they arrive elsewhere. Residuals in gradient units are rescaled by
+    ``old / new`` when the ``learning_rate`` callable's value changes between steps.
 
     Non-finite gradients: if any rank's gradients hold NaN or Inf, every rank skips the step: the
     results are NaN on every rank (so AMP's ``GradScaler`` sees an overflow and lowers its scale),
@@ -169,8 +169,8 @@ class SqueezeEngine:
                               momentum_scale=scale)
         self._flights.append((bucket, InFlight(self.comm, steps, f"{self._scope}.b{bucket.index}")))
         if len(self._flights) == len(self.plan.buckets):  # the last bucket: the flag is final
-            self._verdict = InFlight(self.comm, _allgather(self._nonfinite.float().reshape(1)),
-                                     f"{self._scope}.finite")
+            self._verdict = InFlight(self.comm, single(Collective(
+                "allgather", self._nonfinite.float().reshape(1), "flags")), f"{self._scope}.finite")
 
     def _state_on(self, bucket, device: torch.device) -> dict:
         state = self.state[bucket.index]
@@ -239,8 +239,8 @@ class SqueezeEngine:
         row = resume.agreement_row(self.plan, self._pending, self.step)
         device = next((t.device for s in self.state.values() for t in s.values()),
                       torch.device("cpu"))
-        gathered = run_to_end(self.comm, _allgather(torch.tensor(row, device=device)),
-                              f"{self._scope}.agree")
+        gathered = run_to_end(self.comm, single(Collective(
+            "allgather", torch.tensor(row, device=device), "rows")), f"{self._scope}.agree")
         decision = resume.decide(gathered.cpu().numpy().reshape(self.comm.size, len(row)),
                                  self.comm.rank)
         if decision.action == "restore":
@@ -299,7 +299,3 @@ class SqueezeEngine:
     def _numpy_state(self) -> dict:
         return {i: {n: t.cpu().numpy() for n, t in s.items()} for i, s in self.state.items()}
 
-
-def _allgather(tensor):
-    """The agreement's one collective, as an exchange generator."""
-    return (yield Collective("allgather", tensor, "agree"))
