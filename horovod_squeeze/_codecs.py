@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from horovod_squeeze import compressors as C
 from horovod_squeeze.streams import UNIFORM24_SCALE, hash32, stream_key
-from horovod_squeeze.wire import Layout
+from horovod_squeeze.wire import TRITS_PER_BYTE, Layout
 
 Tensor = Any
 
@@ -246,6 +246,8 @@ class Codec:
             values = sections[section.name]
             if section.kind == "bits":
                 parts.append(self.xp.pack_bits(values, section.width))
+            elif section.kind == "trits":
+                parts.append(self._pack_trits(values, section.nbytes))
             else:
                 parts.append(self.xp.to_bytes(values, section.kind))
         return self.xp.concat(parts)
@@ -258,9 +260,30 @@ class Codec:
                 out[section.name] = data  # sign streams decode straight from bytes: signed_bits
             elif section.kind == "bits":
                 out[section.name] = self.xp.unpack_bits(data, section.width, section.count)
+            elif section.kind == "trits":
+                out[section.name] = self._unpack_trits(data, section.count)
             else:
                 out[section.name] = self.xp.from_bytes(data, section.kind)
         return out
+
+    def _pack_trits(self, codes: Tensor, nbytes: int) -> Tensor:
+        """int64 codes in {0, 1, 2} as base-3 digits, five to a byte (Horner's rule over the byte's
+        digits, each a strided slice)."""
+        xp = self.xp
+        digits = xp.pad(codes, nbytes * TRITS_PER_BYTE)
+        value = xp.slice(digits, TRITS_PER_BYTE - 1, nbytes * TRITS_PER_BYTE, TRITS_PER_BYTE)
+        for position in range(TRITS_PER_BYTE - 2, -1, -1):
+            value = value * 3 + xp.slice(digits, position, nbytes * TRITS_PER_BYTE, TRITS_PER_BYTE)
+        return xp.to_bytes(value, "uint8")
+
+    def _unpack_trits(self, data: Tensor, count: int) -> Tensor:
+        """Inverse of :meth:`_pack_trits`: the first ``count`` digits as int64."""
+        xp = self.xp
+        nbytes = math.prod(data.shape)
+        weights = xp.gather(xp.constant([3 ** j for j in range(TRITS_PER_BYTE)], "int64"),
+                            xp.arange(nbytes * TRITS_PER_BYTE) % TRITS_PER_BYTE)
+        digits = xp.repeat(xp.from_bytes(data, "uint8"), TRITS_PER_BYTE) // weights % 3
+        return xp.slice(digits, 0, count)
 
     # --- shared pieces ----------------------------------------------------------------------------
 

@@ -352,14 +352,15 @@ class QSGD(Compressor):
 
 @dataclasses.dataclass(frozen=True)
 class Ternary(Compressor):
-    """Blockwise ternary quantization (TernGrad; DORE's p-norm ternary): 2 bits per entry.
+    """Blockwise ternary quantization (TernGrad; DORE's p-norm ternary): 1.6 bits per entry.
 
     Blocks are each segment cut into ``block_size`` pieces (``None``: one block per segment). Per
     block ``b``: ``Q(v)_i = ||v_b||_p * sign(v_i) * xi_i`` with
     ``xi_i ~ Bernoulli(|v_i| / ||v_b||_p)``, ``p`` = ``inf`` (TernGrad) or ``2``. Unbiased:
     ``E||Q(v) - v||^2 = ||v||_p ||v||_1 - ||v||_2^2``, so ``omega = sqrt(n) - 1`` for ``p = 2`` and
     ``omega = (sqrt(n) - 1) / 2`` for ``p = inf`` (reached by one entry ``1`` and ``n - 1`` entries
-    ``1 / (sqrt(n) + 1)``), ``n`` the largest block. Payload: one float32 norm per block, then 2-bit codes (0: zero, 1: +norm, 2: -norm).
+    ``1 / (sqrt(n) + 1)``), ``n`` the largest block. Payload: one float32 norm per block, then the
+    codes (0: zero, 1: +norm, 2: -norm) as base-3 digits, five to a byte.
     """
 
     block_size: int | None = 256
@@ -376,7 +377,7 @@ class Ternary(Compressor):
     def layout(self, numel, segments=None):
         segments = segment_lengths(numel, segments)
         return Layout((Section("norms", "float32", _num_blocks(segments, self.block_size)),
-                       Section("codes", "bits", sum(segments), width=2)))
+                       Section("codes", "trits", sum(segments))))
 
     def contract(self, numel, segments=None):
         excess = math.sqrt(_largest_block(numel, segments, self.block_size)) - 1.0

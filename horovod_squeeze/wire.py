@@ -14,15 +14,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-__all__ = ["Section", "Layout", "ELEMENT_BYTES", "index_kind"]
+__all__ = ["Section", "Layout", "ELEMENT_BYTES", "TRITS_PER_BYTE", "index_kind"]
 
 #: Bytes per element of each fixed-width section kind (all little-endian).
 ELEMENT_BYTES = {"float32": 4, "float16": 2, "int32": 4, "uint32": 4, "uint16": 2, "uint8": 1}
+#: Base-3 digits in one byte of a ``trits`` section (3^5 = 243 <= 256).
+TRITS_PER_BYTE = 5
 
 
 @dataclasses.dataclass(frozen=True)
 class Section:
-    """``count`` elements of ``kind`` (a key of :data:`ELEMENT_BYTES`, or ``"bits"`` of ``width``)."""
+    """``count`` elements of ``kind``: a key of :data:`ELEMENT_BYTES`, ``"bits"`` of ``width``, or
+    ``"trits"``."""
 
     name: str
     kind: str
@@ -33,7 +36,7 @@ class Section:
         if self.kind == "bits":
             if not 1 <= self.width <= 16:
                 raise ValueError(f"bits section {self.name!r} needs 1 <= width <= 16, got {self.width}")
-        elif self.kind not in ELEMENT_BYTES:
+        elif self.kind != "trits" and self.kind not in ELEMENT_BYTES:
             raise ValueError(f"section {self.name!r} has unknown kind {self.kind!r}")
         if self.count < 0:
             raise ValueError(f"section {self.name!r} has negative count {self.count}")
@@ -42,6 +45,8 @@ class Section:
     def nbytes(self) -> int:
         if self.kind == "bits":
             return -(-self.count * self.width // 8)
+        if self.kind == "trits":
+            return -(-self.count // TRITS_PER_BYTE)
         return self.count * ELEMENT_BYTES[self.kind]
 
 

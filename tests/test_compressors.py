@@ -258,6 +258,19 @@ def test_ternary_blocks_do_not_straddle_tensors():
     np.testing.assert_array_equal(payload[:12].view(np.float32), [4, 6, 10])
 
 
+def test_ternary_codes_travel_as_five_base3_digits_per_byte(native):
+    # Block norm 1 and entries of magnitude 1 are kept with certainty, so the codes are known:
+    # +1 -> 1, -1 -> 2, 0 -> 0, least-significant digit first.
+    x = np.array([1, -1, 0, 1, -1, -1, 0], np.float32)  # codes 1 2 0 1 2 | 2 0
+    expected = [1 + 2 * 3 + 0 * 9 + 1 * 27 + 2 * 81, 2 + 0 * 3]
+    spec = hs.Ternary(block_size=None)
+    for payload in (reference.compress(spec, x),
+                    native.numpy(native.compress(spec, native.tensor(x)))):
+        assert payload[:4].view(np.float32)[0] == 1.0
+        np.testing.assert_array_equal(payload[4:], expected)
+        np.testing.assert_array_equal(reference.decompress(spec, payload, x.size), x)
+
+
 def test_to_contractive_scales_each_segment_by_its_own_omega(native):
     inner = hs.QSGD(2)
     spec = hs.ToContractive(inner)
@@ -332,7 +345,8 @@ def test_bad_segments_are_rejected_by_name(native, segments, message):
     (hs.RandK(0.01), 100_000, 4 + 1000 * 4),      # key header, values only
     (hs.QSGD(4), 1000, 4 + 1000 * 4 // 8),        # sign + 3 level bits
     (hs.QSGD(1), 1000, 4 + 1000 * 2 // 8),
-    (hs.Ternary(block_size=256), 1000, 4 * 4 + 250),
+    (hs.Ternary(block_size=256), 1000, 4 * 4 + 200),      # five base-3 codes per byte
+    (hs.Ternary(block_size=256), 1001, 4 * 4 + 201),
     (hs.Natural(), 1000, 1125),
 ])
 def test_payload_sizes(spec, size, nbytes):
@@ -350,7 +364,7 @@ def test_payload_sizes(spec, size, nbytes):
     (hs.QSGD(4), 1000, (10, 990), 2 * 4 + 1000 * 4 // 8),       # a quantum per tensor
     (hs.QSGD(4), 16, (), 0),                                    # all padding: nothing
     (hs.RandK(0.01), 16, (), 4),                                # but the stream key
-    (hs.Ternary(block_size=256), 1000, (300, 700), 5 * 4 + 250),
+    (hs.Ternary(block_size=256), 1000, (300, 700), 5 * 4 + 200),
     (hs.Natural(), 1003, (1000,), 1125),
     (hs.ToContractive(hs.QSGD(4)), 1000, (10, 990), 2 * 4 + 500),
 ])

@@ -19,7 +19,7 @@ import numpy as np
 
 from horovod_squeeze import compressors as C
 from horovod_squeeze.streams import UNIFORM24_SCALE, hash32, stream_key
-from horovod_squeeze.wire import Layout
+from horovod_squeeze.wire import TRITS_PER_BYTE, Layout
 
 __all__ = ["compress", "decompress", "pack", "unpack"]
 
@@ -41,6 +41,11 @@ def pack(layout: Layout, sections: dict[str, np.ndarray]) -> np.ndarray:
             shifts = np.arange(section.width, dtype=np.int64)
             bits = (values.astype(np.int64)[:, None] >> shifts) & 1
             parts.append(np.packbits(bits.reshape(-1).astype(np.uint8), bitorder="little"))
+        elif section.kind == "trits":
+            digits = np.zeros(section.nbytes * TRITS_PER_BYTE, np.int64)
+            digits[:values.size] = values
+            weights = 3 ** np.arange(TRITS_PER_BYTE, dtype=np.int64)
+            parts.append((digits.reshape(-1, TRITS_PER_BYTE) @ weights).astype(np.uint8))
         else:
             parts.append(values.astype(_NUMPY_KIND[section.kind]).view(np.uint8))
     return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
@@ -55,6 +60,10 @@ def unpack(layout: Layout, payload: np.ndarray) -> dict[str, np.ndarray]:
             bits = np.unpackbits(raw, bitorder="little")[:section.count * section.width]
             bits = bits.reshape(section.count, section.width).astype(np.int64)
             out[section.name] = (bits << np.arange(section.width, dtype=np.int64)).sum(axis=1)
+        elif section.kind == "trits":
+            weights = 3 ** np.arange(TRITS_PER_BYTE, dtype=np.int64)
+            digits = (raw.astype(np.int64)[:, None] // weights) % 3
+            out[section.name] = digits.reshape(-1)[:section.count]
         else:
             out[section.name] = raw.view(_NUMPY_KIND[section.kind]).astype(
                 np.float32 if section.kind.startswith("float") else np.int64)
