@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/convergence.py --framework keras --contenders fp32,ds-sign
     .venv/bin/python benchmarks/convergence.py --seeds 1 --epochs 10   # a quick look
     .venv/bin/python benchmarks/convergence.py --optimizer momentum    # or adam
+    .venv/bin/python benchmarks/convergence.py --epochs 30 --contenders fp32,dore-ternary-sign \
+        --epochs-of dore-ternary-sign=34    # a contender given more steps (fewer bits per step)
 
 Each contender trains ``examples/pytorch_digits.py`` (or ``examples/keras_digits.py``: the same
 network, split and schedule under ``model.fit``) under ``horovodrun -np 4 --gloo`` once per seed.
@@ -104,6 +106,8 @@ def run(example, contender_args, seed, epochs, num_proc):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=1,
+                        help="seeds run from this one (a fresh set checks a result chosen on others)")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--num-proc", type=int, default=4)
     parser.add_argument("--framework", choices=list(EXAMPLES), default="pytorch")
@@ -116,19 +120,29 @@ def main():
     parser.add_argument("--results", type=pathlib.Path, default=None,
                         help="where to write the JSON (default: "
                         "benchmarks/results/convergence_<framework>.json)")
+    parser.add_argument("--epochs-of", action="append", default=[], metavar="NAME=EPOCHS",
+                        help="train contender NAME for EPOCHS epochs instead (its own schedule "
+                        "over them): bits_to_loss.py then counts the bits of every epoch it took")
     args = parser.parse_args()
     chosen = choose_contenders(parser, args.contenders, CONTENDERS)
+    epochs_of = {}
+    for item in args.epochs_of:
+        name, _, epochs = item.partition("=")
+        if name not in chosen or not epochs.isdigit() or int(epochs) < 1:
+            parser.error(f"--epochs-of {item!r}: expected NAME=EPOCHS, NAME among --contenders")
+        epochs_of[name] = int(epochs)
+    labels = {short: CONTENDERS[short][0] + (f", {epochs_of[short]} epochs" if short in epochs_of
+                                            else "") for short in chosen}
 
     runs = []
-    jobs = [(short, seed) for seed in range(1, args.seeds + 1) for short in chosen]
+    jobs = [(short, seed) for seed in range(args.first_seed, args.first_seed + args.seeds) for short in chosen]
     for short, seed in progress(jobs, desc="training runs"):
-        label, flags = CONTENDERS[short]
-        metrics = run(EXAMPLES[args.framework], flags + OPTIMIZERS[args.optimizer][1], seed,
-                      args.epochs, args.num_proc)
-        runs.append({"contender": label, **metrics})
+        metrics = run(EXAMPLES[args.framework], CONTENDERS[short][1] + OPTIMIZERS[args.optimizer][1],
+                      seed, epochs_of.get(short, args.epochs), args.num_proc)
+        runs.append({"contender": labels[short], **metrics})
 
     summary = {}
-    for name in (CONTENDERS[short][0] for short in chosen):
+    for name in (labels[short] for short in chosen):
         mine = [r for r in runs if r["contender"] == name]
         done = [r for r in mine if r["accuracy"] is not None]
         summary[name] = {"mean_accuracy": statistics.mean(r["accuracy"] for r in done)
@@ -160,7 +174,8 @@ def main():
         "benchmark": f"convergence_{args.framework}{suffix}",
         "command": f"python benchmarks/convergence.py --framework {args.framework} "
                    f"--optimizer {args.optimizer} --contenders {args.contenders} "
-                   f"--seeds {args.seeds} --epochs {args.epochs} --num-proc {args.num_proc}",
+                   f"--seeds {args.seeds} --first-seed {args.first_seed} --epochs {args.epochs} --num-proc {args.num_proc}"
+                   + "".join(f" --epochs-of {item}" for item in args.epochs_of),
         "task": f"examples/{EXAMPLES[args.framework]}: scikit-learn digits, {args.num_proc} ranks, "
                 f"{OPTIMIZERS[args.optimizer][0]}, 1-epoch warm-up + cosine decay, "
                 "batch 32 per rank",
