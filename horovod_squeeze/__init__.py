@@ -4,8 +4,10 @@ The top level holds the framework-neutral vocabulary: compressor specs such as `
 ``ScaledSign()`` and the algorithms around them (``DoubleSqueeze(ScaledSign())``), which the NumPy
 reference (:mod:`horovod_squeeze.reference`) and the framework bindings all accept.
 """
+from horovod_squeeze import topology
 from horovod_squeeze.algorithms import (
-    DORE, Algorithm, DoubleQuantization, DoubleSqueeze, ErrorFeedback, NoFeedback, ServerFeedback,
+    DORE, DPSGD, Algorithm, ChocoSGD, DeepSqueeze, DoubleQuantization, DoubleSqueeze, ErrorFeedback,
+    GossipAlgorithm, NoFeedback, ServerFeedback,
 )
 from horovod_squeeze.exchange import Allgather, Allreduce, Exchange, Sharded
 from horovod_squeeze.compressors import (
@@ -17,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback", "ServerFeedback", "DORE",
-    "DoubleQuantization",
+    "DoubleQuantization", "GossipAlgorithm", "DeepSqueeze", "ChocoSGD", "DPSGD", "topology",
     "Exchange", "Sharded", "Allgather", "Allreduce",
     "Compressor", "Contract", "FP16", "Identity", "Natural", "QSGD", "RandK", "ScaledSign",
     "Ternary", "ToContractive", "TopK",

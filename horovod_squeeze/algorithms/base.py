@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 from horovod_squeeze.compressors import Compressor, Identity
 
 __all__ = ["Algorithm", "StateSpec", "StageContext", "WorkerOut", "ServerOut", "Compensated",
-           "compensate", "mean", "WORKER", "SERVER", "GRADIENT", "MODEL", "MOMENT",
+           "compensate", "mean", "numel", "warn_unless_contractive", "WORKER", "SERVER", "GRADIENT", "MODEL", "MOMENT",
            "AVERAGED_GRADIENT", "MODEL_INCREMENT"]
 
 Tensor = Any
@@ -106,7 +106,7 @@ def compensate(codec, compressor: Compressor, x: Tensor, residual: Tensor | None
     corrected = x if residual is None else x + residual
     payload = codec.compress(compressor, corrected, nonce=ctx.nonce, name=ctx.name,
                              segments=ctx.segments)
-    decoded = codec.decompress(compressor, payload, _numel(x), name=ctx.name,
+    decoded = codec.decompress(compressor, payload, numel(x), name=ctx.name,
                                segments=ctx.segments, dtype=ctx.precision)
     return Compensated(payload, decoded, corrected - decoded)
 
@@ -187,16 +187,22 @@ class Algorithm:
 
     def _warn_unless_contractive(self, compressor: Compressor, largest_numel: int,
                                  stacklevel: int) -> None:
-        """Error feedback needs a contractive compressor: residuals of a high-variance unbiased
-        one can grow without bound."""
-        contract = compressor.contract(max(largest_numel, 1))
-        if contract.kind == "unbiased" and contract.omega > 1:
-            warnings.warn(
-                f"{self!r}: error feedback needs a contractive compressor, and {compressor!r} is "
-                f"unbiased with omega = {contract.omega:.3g} on {largest_numel} entries, so its "
-                f"residuals can grow without bound; use ToContractive({compressor!r})",
-                stacklevel=stacklevel + 1)
+        warn_unless_contractive(self, compressor, largest_numel, stacklevel + 1)
 
 
-def _numel(x) -> int:
+def warn_unless_contractive(owner, compressor: Compressor, largest_numel: int,
+                            stacklevel: int) -> None:
+    """Error feedback needs a contractive compressor: residuals of a high-variance unbiased one can
+    grow without bound (``owner``: the algorithm, for the message)."""
+    contract = compressor.contract(max(largest_numel, 1))
+    if contract.kind == "unbiased" and contract.omega > 1:
+        warnings.warn(
+            f"{owner!r}: error feedback needs a contractive compressor, and {compressor!r} is "
+            f"unbiased with omega = {contract.omega:.3g} on {largest_numel} entries, so its "
+            f"residuals can grow without bound; use ToContractive({compressor!r})",
+            stacklevel=stacklevel + 1)
+
+
+def numel(x) -> int:
+    """Entries of a tensor of any framework."""
     return math.prod(int(d) for d in x.shape)

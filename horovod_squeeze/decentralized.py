@@ -1,0 +1,76 @@
+"""One rank's gossip step, written once for every framework: send, exchange with neighbours, mix.
+
+:func:`gossip_step` runs a :class:`~horovod_squeeze.algorithms.gossip.GossipAlgorithm`'s stages on a
+rank's flat model (its parameters laid end to end, one segment each) around one neighbour exchange.
+The framework bindings supply the codec, the model vector, and ``exchange``: a function that sends
+this rank's message to every neighbour and returns theirs (``uint8`` tensors, in
+``topology.neighbors(rank)`` order), e.g. :class:`~horovod_squeeze.neighbors.NeighborExchange`'s
+``allgather`` around a host copy.
+
+A message is one flag byte (1: the model was finite) and the algorithm's payload. A rank whose model
+is not finite sends the flag 0 and zeros instead of compressing it, so its neighbours are never left
+waiting, keeps its state, and raises ``FloatingPointError`` after the exchange; the neighbours mix
+without it (:attr:`~horovod_squeeze.algorithms.gossip.GossipAlgorithm.absent_neighbor`) and say so
+in :attr:`GossipResult.absent`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+from horovod_squeeze.algorithms.base import StageContext, numel
+from horovod_squeeze.algorithms.gossip import GossipAlgorithm, Neighbor, gossip_nonce
+from horovod_squeeze.topology import Topology
+
+__all__ = ["GossipResult", "gossip_step", "message_nbytes", "FLAG_BYTES"]
+
+Tensor = Any
+#: Bytes before the payload in every message: the finite flag.
+FLAG_BYTES = 1
+
+
+class GossipResult(NamedTuple):
+    model: Tensor  # the new model vector
+    state: dict  # the new state
+    message_nbytes: int  # bytes sent to each neighbour
+    absent: tuple[int, ...]  # neighbours whose model was not finite this step
+
+
+def message_nbytes(algorithm: GossipAlgorithm, size: int, segments=None) -> int:
+    """Bytes one rank sends to each neighbour per step, for a model of ``size`` entries."""
+    return FLAG_BYTES + algorithm.compressor.payload_nbytes(size, segments)
+
+
+def gossip_step(algorithm: GossipAlgorithm, codec, model: Tensor, state: dict, *,
+                topology: Topology, rank: int, step: int, finite: bool,
+                exchange: Callable[[Tensor], Sequence[Tensor]], segments=None,
+                precision: str = "float32", name: str = "model") -> GossipResult:
+    """``model`` (after the local step) mixed with the neighbours' messages."""
+    xp = codec.xp
+    size = numel(model)
+    ctx = StageContext(gossip_nonce(step, rank), name, step, None, segments, precision)
+    nbytes = message_nbytes(algorithm, size, segments)
+    if finite:
+        sent = algorithm.send_stage(codec, model, state, ctx)
+        message = xp.concat([xp.constant([1], "uint8"), sent.payload])
+    else:
+        message = xp.to_bytes(xp.pad(xp.constant([0], "int64"), nbytes), "uint8")
+    received = exchange(message)
+    if not finite:
+        raise FloatingPointError(
+            f"{name}: rank {rank}'s model is not finite (NaN or Inf) after its local step; it sent "
+            f"nothing its neighbours use, and its {algorithm!r} state is unchanged")
+    self_weight = topology.weight(rank, rank)
+    neighbors, absent = [], []
+    for other, data in zip(topology.neighbors(rank), received):
+        weight = topology.weight(rank, other)
+        if int(xp.from_bytes(xp.slice(data, 0, FLAG_BYTES), "uint8")[0]) != 1:
+            absent.append(other)
+            if algorithm.absent_neighbor == "self":
+                self_weight += weight
+            else:
+                neighbors.append(Neighbor(other, weight, sent.decoded * 0.0))
+            continue
+        payload = xp.slice(data, FLAG_BYTES, nbytes)
+        neighbors.append(Neighbor(other, weight, algorithm.decode(codec, payload, size, ctx)))
+    mixed = algorithm.mix_stage(codec, model, sent.decoded, self_weight, neighbors, sent.state, ctx)
+    return GossipResult(mixed.model, mixed.state, nbytes, tuple(absent))

@@ -1,0 +1,188 @@
+"""``DecentralizedOptimizer``: local steps and compressed gossip with neighbours, no allreduce.
+
+Each ``step()`` takes the wrapped optimizer's local step on this rank's own gradients, then one
+gossip step of a :class:`~horovod_squeeze.algorithms.gossip.GossipAlgorithm` over MPI neighbour
+collectives (:mod:`horovod_squeeze.neighbors`): the parameters, laid end to end, are compressed
+once and sent to each neighbour in the topology, and mixed with what the neighbours sent.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import horovod.torch as hvd
+import torch
+from horovod.torch.optimizer import _DistributedOptimizer
+
+from horovod_squeeze.algorithms.gossip import GossipAlgorithm
+from horovod_squeeze.decentralized import gossip_step, message_nbytes
+from horovod_squeeze.neighbors import NeighborExchange, world
+from horovod_squeeze.plan import working_precision
+from horovod_squeeze.topology import TOPOLOGIES, Topology
+from horovod_squeeze.torch import codecs
+
+__all__ = ["DecentralizedOptimizer"]
+
+_log = logging.getLogger("horovod_squeeze")
+
+
+class _GossipOptimizer:
+    def __init__(self, param_groups, named_parameters, algorithm, topology, comm, precision):
+        super(self.__class__, self).__init__(param_groups)
+        names = {p: name for name, p in (named_parameters or [])}
+        self._gossip_parameters = [p for group in self.param_groups for p in group["params"]
+                                   if p.requires_grad]
+        if not self._gossip_parameters:
+            raise ValueError("DecentralizedOptimizer: the optimizer has no trainable parameters")
+        self._gossip_algorithm = algorithm
+        self._gossip_topology = topology
+        self._gossip_dtype = getattr(torch, precision)
+        self._gossip_device = self._gossip_parameters[0].device
+        self._gossip_sizes = tuple(p.numel() for p in self._gossip_parameters)
+        size = sum(self._gossip_sizes)
+        algorithm.check(max(self._gossip_sizes))
+        self._gossip_codec = codecs.on(self._gossip_device)
+        self._gossip_state = {name: torch.zeros(size, dtype=self._gossip_dtype,
+                                                device=self._gossip_device)
+                              for name in algorithm.state_names()}
+        self._gossip_exchange = NeighborExchange(topology, comm)
+        self._gossip_step_count = 0
+        self.skipped_steps = 0
+        self.message_nbytes = message_nbytes(algorithm, size, self._gossip_sizes)
+        self.absent_neighbors: tuple[int, ...] = ()
+        self._gossip_exchange.agree(
+            algorithm=repr(algorithm), precision=precision, sizes=self._gossip_sizes,
+            names=[names.get(p, "") for p in self._gossip_parameters],
+            message_nbytes=self.message_nbytes)
+
+    # --- the step ---------------------------------------------------------------------------
+
+    def step(self, closure=None):
+        loss = None
+        if self._gossip_gradients_finite():
+            loss = super(self.__class__, self).step(closure)
+        else:
+            # This rank's gradients alone are bad (each rank has its own): it skips its local step
+            # but still gossips its (finite) model, so no neighbour waits and the graph stays whole.
+            self.skipped_steps += 1
+            _log.warning("rank %d: gradients not finite (NaN or Inf) at step %d: local step "
+                         "skipped, gossip kept", self._gossip_exchange.rank,
+                         self._gossip_step_count)
+        with torch.no_grad():
+            model = torch.cat([p.detach().reshape(-1).to(self._gossip_dtype)
+                               for p in self._gossip_parameters])
+            result = gossip_step(
+                self._gossip_algorithm, self._gossip_codec, model, self._gossip_state,
+                topology=self._gossip_topology, rank=self._gossip_exchange.rank,
+                step=self._gossip_step_count, finite=bool(torch.isfinite(model).all()),
+                exchange=self._gossip_send, segments=self._gossip_sizes,
+                precision=str(self._gossip_dtype).replace("torch.", ""))
+            for p, value in zip(self._gossip_parameters,
+                                result.model.split(self._gossip_sizes)):
+                p.copy_(value.reshape(p.shape))
+        self._gossip_state = result.state
+        self.absent_neighbors = result.absent
+        self._gossip_step_count += 1
+        return loss
+
+    def _gossip_gradients_finite(self) -> bool:
+        grads = [p.grad for p in self._gossip_parameters if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _gossip_send(self, message):
+        received = self._gossip_exchange.allgather(message.cpu().numpy())
+        return [torch.from_numpy(row).to(self._gossip_device) for row in received]
+
+    # --- what users read ----------------------------------------------------------------------
+
+    @property
+    def topology(self) -> Topology:
+        return self._gossip_topology
+
+    @property
+    def gossip_algorithm(self) -> GossipAlgorithm:
+        return self._gossip_algorithm
+
+    @property
+    def bytes_sent_per_step(self) -> int:
+        """Bytes this rank sends per step: one message to each neighbour."""
+        return self.message_nbytes * len(self._gossip_exchange.neighbors)
+
+    def state_norms(self) -> dict[str, float]:
+        """The L2 norm of each state tensor of this rank (e.g. DeepSqueeze's ``model_error``)."""
+        return {name: float(torch.linalg.vector_norm(value.double()))
+                for name, value in self._gossip_state.items()}
+
+    def consensus_distance(self) -> float:
+        """``mean_i ||x_i - mean_j x_j||^2`` over the ranks' models: a collective (two Horovod
+        allreduces), so every rank calls it at the same step."""
+        with torch.no_grad():
+            model = torch.cat([p.detach().reshape(-1).double() for p in self._gossip_parameters])
+            average = hvd.allreduce(model, op=hvd.Average, name="squeeze.gossip.average")
+            squared = torch.sum((model - average) ** 2).reshape(1)
+            return float(hvd.allreduce(squared, op=hvd.Average, name="squeeze.gossip.distance"))
+
+
+def DecentralizedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None, *,
+                           algorithm: GossipAlgorithm, topology="ring", comm=None,
+                           precision: str | None = None):
+    """Wraps ``optimizer`` for decentralized training: local steps, then gossip with neighbours.
+
+    No server and no allreduce in the training step: ``step()`` runs the wrapped optimizer on this
+    rank's own gradients (no averaging), then ``algorithm``'s gossip step with this rank's
+    neighbours in ``topology`` over MPI neighbour collectives.
+
+    Args:
+      optimizer: any ``torch.optim.Optimizer`` (momentum and Adam keep their state per rank).
+      named_parameters: as Horovod's; the names enter the check that every rank built the same
+        model.
+      algorithm: ``hs.DeepSqueeze(C, consensus_step=...)``, ``hs.ChocoSGD(C, ...)`` or
+        ``hs.DPSGD()``.
+      topology: a :class:`~horovod_squeeze.topology.Topology`, or the name of a built-in graph
+        over all ranks: ``"ring"``, ``"torus"``, ``"exponential"``, ``"fully_connected"``.
+      comm: the mpi4py communicator (default ``MPI.COMM_WORLD``, checked to hold ``hvd.size()``
+        ranks: launch with ``horovodrun --mpi`` or ``mpirun``; ``--gloo`` has no MPI to share).
+      precision: ``"float32"`` or ``"float64"``, the dtype of the algorithm's state and
+        arithmetic (default: float64 when every parameter is float64).
+
+    A rank whose gradients are not finite skips its local step (``skipped_steps``, a logged
+    warning) and still gossips; one whose model is not finite raises ``FloatingPointError`` after
+    the exchange (its neighbours mix without it), so no rank is left waiting.
+
+    Example::
+
+        import horovod.torch as hvd
+        import horovod_squeeze as hs
+        import horovod_squeeze.torch as hst
+
+        hvd.init()
+        optimizer = hst.DecentralizedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+            algorithm=hs.DeepSqueeze(hs.ScaledSign(), consensus_step=0.2), topology="ring")
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    """
+    if not isinstance(algorithm, GossipAlgorithm):
+        raise TypeError(f"DecentralizedOptimizer: algorithm must be a decentralized algorithm "
+                        f"(hs.DeepSqueeze, hs.ChocoSGD or hs.DPSGD), got {algorithm!r}")
+    comm = world(hvd.size()) if comm is None else comm
+    if isinstance(topology, str):
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"unknown topology {topology!r}; choose among "
+                             f"{', '.join(TOPOLOGIES)} or pass a horovod_squeeze.topology.Topology")
+        topology = TOPOLOGIES[topology](comm.Get_size())
+    if not isinstance(topology, Topology):
+        raise TypeError(f"topology must be a name or a horovod_squeeze.topology.Topology, got "
+                        f"{topology!r}")
+    if precision is None:
+        precision = working_precision(str(p.dtype) for group in optimizer.param_groups
+                                      for p in group["params"] if p.requires_grad)
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    # Horovod's module, as its own optimizer class has: hvd.broadcast_optimizer_state then
+    # initializes a fresh optimizer's state with the wrapped optimizer's step, not with a gossip
+    # step.
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
+               {**_GossipOptimizer.__dict__, "__module__": _DistributedOptimizer.__module__})
+    return cls(optimizer.param_groups, named_parameters, algorithm, topology, comm, precision)

@@ -1,0 +1,152 @@
+"""``hst.DecentralizedOptimizer`` on 4 MPI ranks (ring): every rank's model after every gossip step
+against the NumPy reference fed the same local steps, plus the checks that keep a job from hanging:
+a rank built differently, a rank with bad gradients, and a Gloo launch (no MPI to share)."""
+import numpy as np
+import pytest
+
+import horovod_squeeze as hs
+from horovod_squeeze import topology as T
+from horovod_squeeze.reference.gossip import init_state, simulate_gossip
+from horovod_squeeze.testing import RankFailed, run_on_ranks
+
+ALGORITHMS = [hs.DPSGD(), hs.DeepSqueeze(hs.ScaledSign(), consensus_step=0.3),
+              hs.ChocoSGD(hs.TopK(0.25), consensus_step=0.3)]
+STEPS = 8
+
+
+def _train(algorithms, steps):
+    """Each algorithm in turn: a small network on this rank's own data; what every step sent
+    (the parameters after the local step) and what the gossip step made of them."""
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    hvd.init()
+    sent = []
+
+    class RecordingSGD(torch.optim.SGD):
+        def step(self, closure=None):  # the local step: record what gossip will send
+            super().step(closure)
+            sent.append(torch.cat([p.detach().reshape(-1) for p in self.param_groups[0]["params"]])
+                        .numpy())
+
+    out = []
+    for algorithm in algorithms:
+        sent = []
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+        optimizer = hst.DecentralizedOptimizer(
+            RecordingSGD(model.parameters(), lr=0.1), model.named_parameters(),
+            algorithm=algorithm, topology="ring")
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+        generator = torch.Generator().manual_seed(hvd.rank())
+        mixed = []
+        for _ in range(steps):
+            x = torch.randn(16, 6, generator=generator) + hvd.rank()   # each rank its own data
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), x[:, :2]).backward()
+            optimizer.step()
+            mixed.append(flat())
+        out.append({"sent": sent, "mixed": mixed, "nbytes": optimizer.bytes_sent_per_step,
+                    "sizes": [p.numel() for p in model.parameters()],
+                    "distance": optimizer.consensus_distance(), "norms": optimizer.state_norms()})
+    return out, _bad_gradients_on_rank_1()
+
+
+def _bad_gradients_on_rank_1():
+    """One step where rank 1's gradients are NaN: its skip count and every rank's weights."""
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    model = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(float(hvd.rank()))
+    optimizer = hst.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
+                                           algorithm=hs.DPSGD(), topology="ring")
+    model.weight.grad = torch.full((1, 3), float("nan") if hvd.rank() == 1 else 1.0)
+    optimizer.step()
+    return optimizer.skipped_steps, model.weight.detach().reshape(-1).tolist()
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    """One job of 4 MPI ranks for the tests that pass (each launch costs seconds of start-up)."""
+    return run_on_ranks(_train, 4, "mpi", args=(ALGORITHMS, STEPS), timeout=240)
+
+
+def test_every_rank_matches_the_reference_after_every_step(four_ranks):
+    results = [trained for trained, _ in four_ranks]
+    topology = T.ring(4)
+    for index, algorithm in enumerate(ALGORITHMS):
+        runs = [rank_results[index] for rank_results in results]
+        sizes = runs[0]["sizes"]
+        state = init_state(algorithm, sum(sizes), 4)
+        for step in range(STEPS):
+            expected, state = simulate_gossip(algorithm, topology.weights,
+                                              [run["sent"][step] for run in runs], state,
+                                              step=step, sizes=sizes)
+            for rank, run in enumerate(runs):
+                if isinstance(algorithm, hs.ChocoSGD):  # the same math, rounded differently
+                    assert np.linalg.norm(run["mixed"][step] - expected[rank]) <= \
+                        1e-6 * np.linalg.norm(expected[rank]), (algorithm, step, rank)
+                    expected[rank] = run["mixed"][step]
+                else:
+                    np.testing.assert_array_equal(run["mixed"][step], expected[rank],
+                                                  err_msg=f"{algorithm!r} step {step} rank {rank}")
+        # Telemetry: two neighbours, a flag byte and the payload each; the distance is the
+        # models' mean squared distance to their average.
+        payload = algorithm.compressor.payload_nbytes(sum(sizes), tuple(sizes))
+        assert all(run["nbytes"] == 2 * (1 + payload) for run in runs)
+        models = np.stack([run["mixed"][-1] for run in runs]).astype(np.float64)
+        distance = np.mean(np.sum((models - models.mean(axis=0)) ** 2, axis=1))
+        assert runs[0]["distance"] == pytest.approx(distance, rel=1e-9)
+        assert set(runs[0]["norms"]) == set(algorithm.state_names())
+
+
+def _misconfigured():
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    hvd.init()
+    model = torch.nn.Linear(4 if hvd.rank() != 2 else 5, 1)   # rank 2 built another model
+    hst.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                               model.named_parameters(), algorithm=hs.DPSGD())
+    return "built"
+
+
+def test_a_rank_built_differently_is_an_error_on_every_rank():
+    with pytest.raises(RankFailed, match=r"rank \d and its neighbour rank \d disagree on "
+                                         r"(message_nbytes|sizes)"):
+        run_on_ranks(_misconfigured, 4, "mpi", timeout=120)
+
+
+def test_bad_gradients_skip_that_ranks_local_step_and_it_still_gossips(four_ranks):
+    results = [bad for _, bad in four_ranks]
+    assert [skipped for skipped, _ in results] == [1 if rank == 1 else 0 for rank in range(4)]
+    # After the local steps x_half = rank - 0.5, except rank 1 (kept 1.0); ring weights 1/3.
+    x_half = [-0.5, 1.0, 1.5, 2.5]
+    for rank, (_, weights) in enumerate(results):
+        expected = np.float32(sum(x_half[j] for j in (rank - 1, rank, (rank + 1) % 4)) / 3)
+        np.testing.assert_allclose(weights, [expected] * 3, rtol=1e-6)
+
+
+def _under_gloo():
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    hvd.init()
+    model = torch.nn.Linear(3, 1)
+    hst.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), algorithm=hs.DPSGD())
+
+
+def test_gloo_is_refused_with_the_launch_to_use():
+    with pytest.raises(RankFailed, match=r"horovodrun --mpi -np 2"):
+        run_on_ranks(_under_gloo, 2, "gloo", timeout=120)
