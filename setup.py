@@ -19,6 +19,7 @@ setup(
     extras_require={
         "torch": ["torch>=2.0", "horovod==0.28.1"],
         "tensorflow": ["tensorflow-cpu>=2.16", "tf_keras>=2.16", "horovod==0.28.1"],
+        "decentralized": ["mpi4py>=3.1"],  # neighbour collectives (DecentralizedOptimizer)
         "dev": ["pytest>=7", "mpi4py>=3.1", "scikit-learn", "tqdm", "matplotlib"],
     },
     classifiers=[

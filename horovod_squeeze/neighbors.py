@@ -28,9 +28,9 @@ def world(expected_size: int | None = None):
     """``MPI.COMM_WORLD``, checked to hold ``expected_size`` ranks (Horovod's ``hvd.size()``)."""
     try:
         from mpi4py import MPI
-    except ImportError as error:  # pragma: no cover - mpi4py is a dependency
-        raise RuntimeError("decentralized training needs mpi4py (pip install mpi4py) and an MPI "
-                           "launcher") from error
+    except ImportError as error:
+        raise RuntimeError("decentralized training needs mpi4py (pip install "
+                           "'horovod-squeeze[decentralized]') and an MPI launcher") from error
     comm = MPI.COMM_WORLD
     if expected_size is not None and comm.Get_size() != expected_size:
         raise RuntimeError(

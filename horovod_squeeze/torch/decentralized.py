@@ -102,13 +102,18 @@ class _GossipOptimizer:
         return self._gossip_topology
 
     @property
+    def neighbors(self) -> tuple[int, ...]:
+        """The ranks this rank exchanges with."""
+        return self._gossip_exchange.neighbors
+
+    @property
     def gossip_algorithm(self) -> GossipAlgorithm:
         return self._gossip_algorithm
 
     @property
     def bytes_sent_per_step(self) -> int:
         """Bytes this rank sends per step: one message to each neighbour."""
-        return self.message_nbytes * len(self._gossip_exchange.neighbors)
+        return self.message_nbytes * len(self.neighbors)
 
     def state_norms(self) -> dict[str, float]:
         """The L2 norm of each state tensor of this rank (e.g. DeepSqueeze's ``model_error``)."""
