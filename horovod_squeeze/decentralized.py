@@ -19,9 +19,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from horovod_squeeze.algorithms.base import StageContext, numel
 from horovod_squeeze.algorithms.gossip import GossipAlgorithm, Neighbor, gossip_nonce
-from horovod_squeeze.topology import Topology
+from horovod_squeeze.topology import TOPOLOGIES, Topology
 
-__all__ = ["GossipResult", "gossip_step", "message_nbytes", "FLAG_BYTES"]
+__all__ = ["GossipResult", "gossip_step", "message_nbytes", "check_setup", "FLAG_BYTES"]
 
 Tensor = Any
 #: Bytes before the payload in every message: the finite flag.
@@ -38,6 +38,26 @@ class GossipResult(NamedTuple):
 def message_nbytes(algorithm: GossipAlgorithm, size: int, segments=None) -> int:
     """Bytes one rank sends to each neighbour per step, for a model of ``size`` entries."""
     return FLAG_BYTES + algorithm.compressor.payload_nbytes(size, segments)
+
+
+def check_setup(algorithm, topology, size: int, precision: str) -> Topology:
+    """The bindings' argument checks: ``algorithm`` a gossip algorithm, ``topology`` a
+    :class:`Topology` of ``size`` ranks or a built-in graph's name, ``precision`` float32 or
+    float64. Returns the topology."""
+    if not isinstance(algorithm, GossipAlgorithm):
+        raise TypeError(f"decentralized training needs a decentralized algorithm (hs.DeepSqueeze, "
+                        f"hs.ChocoSGD or hs.DPSGD), got {algorithm!r}")
+    if isinstance(topology, str):
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"unknown topology {topology!r}; choose among "
+                             f"{', '.join(TOPOLOGIES)} or pass a horovod_squeeze.topology.Topology")
+        topology = TOPOLOGIES[topology](size)
+    if not isinstance(topology, Topology):
+        raise TypeError(f"topology must be a name or a horovod_squeeze.topology.Topology, got "
+                        f"{topology!r}")
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    return topology
 
 
 def gossip_step(algorithm: GossipAlgorithm, codec, model: Tensor, state: dict, *,

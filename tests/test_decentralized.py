@@ -150,3 +150,49 @@ def _under_gloo():
 def test_gloo_is_refused_with_the_launch_to_use():
     with pytest.raises(RankFailed, match=r"horovodrun --mpi -np 2"):
         run_on_ranks(_under_gloo, 2, "gloo", timeout=120)
+
+
+def _keras_fit(algorithm, steps):
+    """``model.fit`` with DecentralizedCallback; what each batch's local step left (recorded by a
+    callback placed before it) and what gossip made of it."""
+    import os
+
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import horovod.tensorflow as hvd
+    import numpy as np
+    import tensorflow as tf
+
+    import horovod_squeeze.tensorflow.keras as hsk
+
+    hvd.init()
+    tf.random.set_seed(0)
+    model = tf.keras.Sequential([tf.keras.Input((6,)), tf.keras.layers.Dense(5, activation="tanh"),
+                                 tf.keras.layers.Dense(2)])
+    model.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss="mse")
+    flat = lambda: np.concatenate([v.numpy().reshape(-1) for v in model.trainable_variables])
+    sent, mixed = [], []
+    record = tf.keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_: sent.append(flat()))
+    after = tf.keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_: mixed.append(flat()))
+    gossip = hsk.callbacks.DecentralizedCallback(algorithm, topology="ring")
+    x = np.random.default_rng(hvd.rank()).standard_normal((16 * steps, 6)).astype(np.float32)
+    model.fit(x + hvd.rank(), x[:, :2], batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[hsk.callbacks.BroadcastGlobalVariablesCallback(0), record, gossip, after])
+    return {"sent": sent, "mixed": mixed, "sizes": [int(np.prod(v.shape))
+                                                    for v in model.trainable_variables],
+            "nbytes": gossip.gossip.bytes_sent_per_step}
+
+
+def test_keras_fit_gossips_like_the_reference():
+    algorithm = hs.DeepSqueeze(hs.ScaledSign(), consensus_step=0.3)
+    runs = run_on_ranks(_keras_fit, 4, "mpi", args=(algorithm, STEPS), timeout=240)
+    sizes = runs[0]["sizes"]
+    state = init_state(algorithm, sum(sizes), 4)
+    for step in range(STEPS):
+        expected, state = simulate_gossip(algorithm, T.ring(4).weights,
+                                          [run["sent"][step] for run in runs], state, step=step,
+                                          sizes=sizes)
+        for rank, run in enumerate(runs):
+            np.testing.assert_array_equal(run["mixed"][step], expected[rank],
+                                          err_msg=f"step {step} rank {rank}")
+    payload = algorithm.compressor.payload_nbytes(sum(sizes), tuple(sizes))
+    assert all(run["nbytes"] == 2 * (1 + payload) for run in runs)

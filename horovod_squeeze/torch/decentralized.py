@@ -15,10 +15,10 @@ import torch
 from horovod.torch.optimizer import _DistributedOptimizer
 
 from horovod_squeeze.algorithms.gossip import GossipAlgorithm
-from horovod_squeeze.decentralized import gossip_step, message_nbytes
+from horovod_squeeze.decentralized import check_setup, gossip_step, message_nbytes
 from horovod_squeeze.neighbors import NeighborExchange, world
 from horovod_squeeze.plan import working_precision
-from horovod_squeeze.topology import TOPOLOGIES, Topology
+from horovod_squeeze.topology import Topology
 from horovod_squeeze.torch import codecs
 
 __all__ = ["DecentralizedOptimizer"]
@@ -168,23 +168,11 @@ def DecentralizedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=No
             algorithm=hs.DeepSqueeze(hs.ScaledSign(), consensus_step=0.2), topology="ring")
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     """
-    if not isinstance(algorithm, GossipAlgorithm):
-        raise TypeError(f"DecentralizedOptimizer: algorithm must be a decentralized algorithm "
-                        f"(hs.DeepSqueeze, hs.ChocoSGD or hs.DPSGD), got {algorithm!r}")
     comm = world(hvd.size()) if comm is None else comm
-    if isinstance(topology, str):
-        if topology not in TOPOLOGIES:
-            raise ValueError(f"unknown topology {topology!r}; choose among "
-                             f"{', '.join(TOPOLOGIES)} or pass a horovod_squeeze.topology.Topology")
-        topology = TOPOLOGIES[topology](comm.Get_size())
-    if not isinstance(topology, Topology):
-        raise TypeError(f"topology must be a name or a horovod_squeeze.topology.Topology, got "
-                        f"{topology!r}")
     if precision is None:
         precision = working_precision(str(p.dtype) for group in optimizer.param_groups
                                       for p in group["params"] if p.requires_grad)
-    if precision not in ("float32", "float64"):
-        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    topology = check_setup(algorithm, topology, comm.Get_size(), precision)
     # Horovod's module, as its own optimizer class has: hvd.broadcast_optimizer_state then
     # initializes a fresh optimizer's state with the wrapped optimizer's step, not with a gossip
     # step.

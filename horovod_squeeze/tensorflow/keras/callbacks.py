@@ -29,7 +29,7 @@ from horovod_squeeze.tensorflow import state
 
 __all__ = ["BroadcastGlobalVariablesCallback", "MetricAverageCallback",
            "CompressionStatsCallback", "WarmupCallback", "ResidualRescaleCallback",
-           "ResidualCheckpointCallback"]
+           "ResidualCheckpointCallback", "DecentralizedCallback"]
 
 Callback = tf.keras.callbacks.Callback
 
@@ -250,3 +250,34 @@ class ResidualCheckpointCallback(Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_epochs == 0:
             state.gather(_squeeze(self, self.model).engine)
+
+
+class DecentralizedCallback(Callback):
+    """Decentralized training under ``model.fit``: after every batch (the compiled optimizer's local
+    step, a plain Keras optimizer, no averaging) one gossip step of ``algorithm`` with this rank's
+    neighbours in ``topology`` (:class:`horovod_squeeze.tensorflow.decentralized.Gossip`, built on
+    the first batch). Place it after :class:`BroadcastGlobalVariablesCallback`. Launch with
+    ``horovodrun --mpi``.
+
+    Example::
+
+        model.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss=...)
+        gossip = hsk.callbacks.DecentralizedCallback(
+            hs.DeepSqueeze(hs.ScaledSign(), consensus_step=0.2), topology="ring")
+        model.fit(x, y, callbacks=[hsk.callbacks.BroadcastGlobalVariablesCallback(0), gossip])
+        print(gossip.gossip.bytes_sent_per_step)
+    """
+
+    def __init__(self, algorithm, topology="ring", *, comm=None, precision=None):
+        super().__init__()
+        self._arguments = (algorithm, topology, comm, precision)
+        self.gossip = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.gossip is None:
+            from horovod_squeeze.tensorflow.decentralized import Gossip
+
+            algorithm, topology, comm, precision = self._arguments
+            self.gossip = Gossip(self.model.trainable_variables, algorithm, topology, comm=comm,
+                                 precision=precision)
+        self.gossip()
