@@ -15,17 +15,22 @@ in :attr:`GossipResult.absent`.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, NamedTuple, Sequence
 
 from horovod_squeeze.algorithms.base import StageContext, numel
 from horovod_squeeze.algorithms.gossip import GossipAlgorithm, Neighbor, gossip_nonce
 from horovod_squeeze.topology import TOPOLOGIES, Topology
 
-__all__ = ["GossipResult", "gossip_step", "message_nbytes", "check_setup", "FLAG_BYTES"]
+__all__ = ["GossipResult", "gossip_step", "message_nbytes", "check_setup", "checkpoint",
+           "restorable", "agree_on_restore", "FLAG_BYTES", "CHECKPOINT_FORMAT"]
 
 Tensor = Any
+_log = logging.getLogger("horovod_squeeze")
 #: Bytes before the payload in every message: the finite flag.
 FLAG_BYTES = 1
+#: The format tag of a gossip checkpoint (:func:`checkpoint`).
+CHECKPOINT_FORMAT = "horovod_squeeze.gossip/1"
 
 
 class GossipResult(NamedTuple):
@@ -94,3 +99,47 @@ def gossip_step(algorithm: GossipAlgorithm, codec, model: Tensor, state: dict, *
         neighbors.append(Neighbor(other, weight, algorithm.decode(codec, payload, size, ctx)))
     mixed = algorithm.mix_stage(codec, model, sent.decoded, self_weight, neighbors, sent.state, ctx)
     return GossipResult(mixed.model, mixed.state, nbytes, tuple(absent))
+
+
+def checkpoint(algorithm: GossipAlgorithm, topology: Topology, rank: int, step: int, sizes,
+               state: dict) -> dict:
+    """One rank's gossip state as a checkpoint (``state``: NumPy arrays). Decentralized ranks hold
+    different models, so each rank saves its own."""
+    return {"format": CHECKPOINT_FORMAT, "algorithm": repr(algorithm), "topology": topology.name,
+            "rank": int(rank), "size": topology.size, "sizes": [int(s) for s in sizes],
+            "step": int(step), "state": dict(state)}
+
+
+def restorable(saved, algorithm: GossipAlgorithm, topology: Topology, rank: int, sizes) -> bool:
+    """Whether ``saved`` (from :func:`checkpoint`) is this rank's own state, to restore exactly;
+    ``False`` for another rank's or another world's (restoring it would break what the neighbours
+    believe, e.g. CHOCO's public copies: the bindings then restart every rank from zero state).
+    ``ValueError`` for a checkpoint of another algorithm or model, or a malformed one."""
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"not a gossip checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    if saved["algorithm"] != repr(algorithm):
+        raise ValueError(f"the checkpoint holds {saved['algorithm']} state, this run trains with "
+                         f"{algorithm!r}")
+    if list(saved["sizes"]) != [int(s) for s in sizes]:
+        raise ValueError(f"the checkpoint's parameters have sizes {list(saved['sizes'])}, this "
+                         f"model's {[int(s) for s in sizes]}")
+    names = set(algorithm.state_names())
+    if set(saved["state"]) != names:
+        raise ValueError(f"the checkpoint's state is {sorted(saved['state'])}, {algorithm!r} "
+                         f"keeps {sorted(names)}")
+    return (saved["rank"] == rank and saved["size"] == topology.size
+            and saved["topology"] == topology.name)
+
+
+def agree_on_restore(saved, algorithm: GossipAlgorithm, topology: Topology, exchange,
+                     sizes) -> tuple[dict | None, int]:
+    """What every rank does with a loaded checkpoint, decided alike on every rank (one allreduce
+    through ``exchange``, a :class:`~horovod_squeeze.neighbors.NeighborExchange`): its saved state
+    (NumPy arrays) if every rank loaded its own, else ``None``, zero state (rank 0 logs a
+    warning); and the step to go on from, the largest saved."""
+    own = restorable(saved, algorithm, topology, exchange.rank, sizes)
+    everyone, step = exchange.everyone(own, saved["step"])
+    if not everyone and exchange.rank == 0:
+        _log.warning("gossip checkpoint: not every rank loaded its own state; every rank restarts "
+                     "from zero %r state at step %d", algorithm, step)
+    return (saved["state"] if everyone else None), step

@@ -65,6 +65,15 @@ class NeighborExchange:
         self._graph.Neighbor_allgather(message, received)
         return received
 
+    def everyone(self, flag: bool, step: int) -> tuple[bool, int]:
+        """Whether ``flag`` holds on every rank, and the largest ``step``: one small allreduce
+        over the world, for decisions taken once (restoring a checkpoint), never per step."""
+        from mpi4py import MPI
+
+        values = np.array([int(bool(flag)), -int(step)], np.int64)
+        self._world.Allreduce(MPI.IN_PLACE, values, op=MPI.MIN)
+        return bool(values[0]), int(-values[1])
+
     def agree(self, **config) -> None:
         """Checks, once and on every rank together, that every rank's neighbours hold the same
         ``config`` (e.g. the algorithm, the tensor sizes, the message size): a mismatch would

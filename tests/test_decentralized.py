@@ -52,7 +52,49 @@ def _train(algorithms, steps):
         out.append({"sent": sent, "mixed": mixed, "nbytes": optimizer.bytes_sent_per_step,
                     "sizes": [p.numel() for p in model.parameters()],
                     "distance": optimizer.consensus_distance(), "norms": optimizer.state_norms()})
-    return out, _bad_gradients_on_rank_1()
+    return out, _bad_gradients_on_rank_1(), _checkpoints()
+
+
+def _checkpoints():
+    """CHOCO-SGD for 3 steps, saved; (a) a copy loaded from this rank's own checkpoint steps
+    exactly like the original; (b) one loaded from rank 0's restarts from zero state."""
+    import copy
+
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    algorithm = hs.ChocoSGD(hs.TopK(0.25), consensus_step=0.3)
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        return model, hst.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                                 algorithm=algorithm, consensus_every=2)
+
+    def train(model, optimizer, steps, seed):
+        generator = torch.Generator().manual_seed(seed + hvd.rank())
+        for _ in range(steps):
+            optimizer.zero_grad()
+            x = torch.randn(8, 6, generator=generator) + hvd.rank()
+            torch.nn.functional.mse_loss(model(x), x[:, :3]).backward()
+            optimizer.step()
+
+    model, optimizer = build()
+    train(model, optimizer, 3, seed=1)
+    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    train(model, optimizer, 2, seed=2)
+    results = {"original": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+               "distance": optimizer.last_consensus_distance}
+    for case, checkpoint in (("own", saved), ("rank 0's", hvd.broadcast_object(saved, 0))):
+        copy, copy_optimizer = build()
+        copy.load_state_dict(checkpoint["model"])
+        copy_optimizer.load_state_dict(checkpoint["optimizer"])
+        train(copy, copy_optimizer, 2, seed=2)
+        results[case] = torch.cat([p.detach().reshape(-1) for p in copy.parameters()])
+        results[case + " step"] = copy_optimizer._gossip_step_count
+    return results
 
 
 def _bad_gradients_on_rank_1():
@@ -79,7 +121,7 @@ def four_ranks():
 
 
 def test_every_rank_matches_the_reference_after_every_step(four_ranks):
-    results = [trained for trained, _ in four_ranks]
+    results = [trained for trained, _, _ in four_ranks]
     topology = T.ring(4)
     for index, algorithm in enumerate(ALGORITHMS):
         runs = [rank_results[index] for rank_results in results]
@@ -103,8 +145,20 @@ def test_every_rank_matches_the_reference_after_every_step(four_ranks):
         assert all(run["nbytes"] == 2 * (1 + payload) for run in runs)
         models = np.stack([run["mixed"][-1] for run in runs]).astype(np.float64)
         distance = np.mean(np.sum((models - models.mean(axis=0)) ** 2, axis=1))
-        assert runs[0]["distance"] == pytest.approx(distance, rel=1e-9)
+        assert runs[0]["distance"] == pytest.approx(distance, rel=1e-6)
         assert set(runs[0]["norms"]) == set(algorithm.state_names())
+
+
+def test_each_ranks_own_checkpoint_restores_exactly_and_rank_0s_restarts_from_zero(four_ranks):
+    for rank, (_, _, results) in enumerate(four_ranks):
+        assert results["own step"] == results["rank 0's step"] == 5
+        assert np.array_equal(results["own"].numpy(), results["original"].numpy()), rank
+        # Rank 0's CHOCO state on every rank would break what neighbours believe of each other:
+        # every rank restarts from zero public copies instead, so training goes another way.
+        assert not np.array_equal(results["rank 0's"].numpy(), results["original"].numpy())
+    # consensus_every=2: measured at step 4, the same on every rank.
+    distances = {results["distance"] for _, _, results in four_ranks}
+    assert len(distances) == 1 and distances.pop() > 0
 
 
 def _misconfigured():
@@ -127,7 +181,7 @@ def test_a_rank_built_differently_is_an_error_on_every_rank():
 
 
 def test_bad_gradients_skip_that_ranks_local_step_and_it_still_gossips(four_ranks):
-    results = [bad for _, bad in four_ranks]
+    results = [bad for _, bad, _ in four_ranks]
     assert [skipped for skipped, _ in results] == [1 if rank == 1 else 0 for rank in range(4)]
     # After the local steps x_half = rank - 0.5, except rank 1 (kept 1.0); ring weights 1/3.
     x_half = [-0.5, 1.0, 1.5, 2.5]
@@ -177,9 +231,19 @@ def _keras_fit(algorithm, steps):
     x = np.random.default_rng(hvd.rank()).standard_normal((16 * steps, 6)).astype(np.float32)
     model.fit(x + hvd.rank(), x[:, :2], batch_size=16, epochs=1, shuffle=False, verbose=0,
               callbacks=[hsk.callbacks.BroadcastGlobalVariablesCallback(0), record, gossip, after])
+    # A checkpoint: Gossip over a copy of the weights, loaded from it, steps as the original.
+    from horovod_squeeze.tensorflow import Gossip
+
+    copies = [tf.Variable(v) for v in model.trainable_variables]
+    restored = Gossip(copies, algorithm, "ring")
+    restored.load_state_dict(gossip.gossip.state_dict())
+    gossip.gossip()
+    restored()
     return {"sent": sent, "mixed": mixed, "sizes": [int(np.prod(v.shape))
                                                     for v in model.trainable_variables],
-            "nbytes": gossip.gossip.bytes_sent_per_step}
+            "nbytes": gossip.gossip.bytes_sent_per_step, "restored_step": restored.step,
+            "restored_equal": all(np.array_equal(a.numpy(), b.numpy())
+                                  for a, b in zip(model.trainable_variables, copies))}
 
 
 def test_keras_fit_gossips_like_the_reference():
@@ -196,3 +260,4 @@ def test_keras_fit_gossips_like_the_reference():
                                           err_msg=f"step {step} rank {rank}")
     payload = algorithm.compressor.payload_nbytes(sum(sizes), tuple(sizes))
     assert all(run["nbytes"] == 2 * (1 + payload) for run in runs)
+    assert all(run["restored_equal"] and run["restored_step"] == STEPS + 1 for run in runs)

@@ -13,12 +13,18 @@ import horovod.tensorflow as hvd
 import numpy as np
 import tensorflow as tf
 
-from horovod_squeeze.decentralized import check_setup, gossip_step, message_nbytes
+import logging
+
+from horovod_squeeze.decentralized import (
+    agree_on_restore, check_setup, checkpoint, gossip_step, message_nbytes, restorable,
+)
 from horovod_squeeze.neighbors import NeighborExchange, world
 from horovod_squeeze.plan import working_precision
 from horovod_squeeze.tensorflow import codecs
 
 __all__ = ["Gossip"]
+
+_log = logging.getLogger("horovod_squeeze")
 
 
 class Gossip:
@@ -43,7 +49,7 @@ class Gossip:
     """
 
     def __init__(self, variables, algorithm, topology="ring", *, comm=None,
-                 precision: str | None = None):
+                 precision: str | None = None, consensus_every: int = 0):
         self.variables = [v for v in variables]
         if not self.variables:
             raise ValueError("Gossip: no variables to gossip")
@@ -51,6 +57,12 @@ class Gossip:
         if precision is None:
             precision = working_precision(v.dtype.name for v in self.variables)
         self.topology = check_setup(algorithm, topology, comm.Get_size(), precision)
+        if isinstance(consensus_every, bool) or not isinstance(consensus_every, int) \
+                or consensus_every < 0:
+            raise ValueError(f"consensus_every must be an integer >= 0, got {consensus_every!r}")
+        self.consensus_every = consensus_every
+        self.last_consensus_distance: float | None = None
+        self._pending = None
         self.algorithm = algorithm
         self.precision = precision
         self._dtype = tf.as_dtype(precision)
@@ -68,6 +80,8 @@ class Gossip:
 
     def __call__(self) -> None:
         """One gossip step: the variables (after the local step) mixed with the neighbours'."""
+        if self._pending is not None:
+            self._restore()
         model = tf.concat([tf.reshape(tf.cast(v, self._dtype), [-1]) for v in self.variables], 0)
         result = gossip_step(
             self.algorithm, codecs.on(), model, self._state, topology=self.topology,
@@ -79,6 +93,10 @@ class Gossip:
         self._state = result.state
         self.absent_neighbors = result.absent
         self.step += 1
+        if self.consensus_every and self.step % self.consensus_every == 0:
+            self.last_consensus_distance = self.consensus_distance()
+            _log.info("gossip step %d: consensus distance %.4g", self.step,
+                      self.last_consensus_distance)
 
     def _send(self, message):
         return [tf.constant(row) for row in self._exchange.allgather(message.numpy())]
@@ -97,8 +115,30 @@ class Gossip:
                 for name, value in self._state.items()}
 
     def consensus_distance(self) -> float:
-        """``mean_i ||x_i - mean_j x_j||^2``: a collective (two Horovod allreduces)."""
+        """``mean_i ||x_i - mean_j x_j||^2``, as ``mean_i ||x_i||^2 - ||mean_i x_i||^2`` in
+        float64: one Horovod allreduce, a collective."""
         model = tf.concat([tf.reshape(tf.cast(v, tf.float64), [-1]) for v in self.variables], 0)
-        average = hvd.allreduce(model, op=hvd.Average, name="squeeze.gossip.average")
-        squared = tf.reshape(tf.reduce_sum((model - average) ** 2), [1])
-        return float(hvd.allreduce(squared, op=hvd.Average, name="squeeze.gossip.distance")[0])
+        averaged = hvd.allreduce(tf.concat([model, [tf.reduce_sum(model ** 2)]], 0),
+                                 op=hvd.Average, name="squeeze.gossip.consensus")
+        return max(0.0, float(averaged[-1] - tf.reduce_sum(averaged[:-1] ** 2)))
+
+    def state_dict(self) -> dict:
+        """This rank's gossip state and step (:func:`horovod_squeeze.decentralized.checkpoint`);
+        each rank saves its own (its model differs from the others')."""
+        return checkpoint(self.algorithm, self.topology, self._exchange.rank, self.step,
+                          self._sizes, {name: value.numpy() for name, value in self._state.items()})
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Checked now (``ValueError`` for another algorithm or model), applied at the next step
+        alike on every rank: each rank's own state if every rank loaded its own, else zero state
+        at the largest saved step."""
+        restorable(saved, self.algorithm, self.topology, self._exchange.rank, self._sizes)
+        self._pending = saved
+
+    def _restore(self) -> None:
+        saved, self._pending = self._pending, None
+        state, self.step = agree_on_restore(saved, self.algorithm, self.topology, self._exchange,
+                                            self._sizes)
+        self._state = {name: (tf.zeros_like(value) if state is None
+                              else tf.constant(state[name], self._dtype))
+                       for name, value in self._state.items()}

@@ -15,7 +15,9 @@ import torch
 from horovod.torch.optimizer import _DistributedOptimizer
 
 from horovod_squeeze.algorithms.gossip import GossipAlgorithm
-from horovod_squeeze.decentralized import check_setup, gossip_step, message_nbytes
+from horovod_squeeze.decentralized import (
+    agree_on_restore, check_setup, checkpoint, gossip_step, message_nbytes, restorable,
+)
 from horovod_squeeze.neighbors import NeighborExchange, world
 from horovod_squeeze.plan import working_precision
 from horovod_squeeze.topology import Topology
@@ -27,7 +29,8 @@ _log = logging.getLogger("horovod_squeeze")
 
 
 class _GossipOptimizer:
-    def __init__(self, param_groups, named_parameters, algorithm, topology, comm, precision):
+    def __init__(self, param_groups, named_parameters, algorithm, topology, comm, precision,
+                 consensus_every):
         super(self.__class__, self).__init__(param_groups)
         names = {p: name for name, p in (named_parameters or [])}
         self._gossip_parameters = [p for group in self.param_groups for p in group["params"]
@@ -47,6 +50,9 @@ class _GossipOptimizer:
                               for name in algorithm.state_names()}
         self._gossip_exchange = NeighborExchange(topology, comm)
         self._gossip_step_count = 0
+        self._gossip_pending = None  # a loaded checkpoint, applied at the next step
+        self._gossip_consensus_every = consensus_every
+        self.last_consensus_distance: float | None = None
         self.skipped_steps = 0
         self.message_nbytes = message_nbytes(algorithm, size, self._gossip_sizes)
         self.absent_neighbors: tuple[int, ...] = ()
@@ -58,6 +64,8 @@ class _GossipOptimizer:
     # --- the step ---------------------------------------------------------------------------
 
     def step(self, closure=None):
+        if self._gossip_pending is not None:
+            self._gossip_restore()
         loss = None
         if self._gossip_gradients_finite():
             loss = super(self.__class__, self).step(closure)
@@ -83,6 +91,11 @@ class _GossipOptimizer:
         self._gossip_state = result.state
         self.absent_neighbors = result.absent
         self._gossip_step_count += 1
+        every = self._gossip_consensus_every
+        if every and self._gossip_step_count % every == 0:
+            self.last_consensus_distance = self.consensus_distance()
+            _log.info("gossip step %d: consensus distance %.4g", self._gossip_step_count,
+                      self.last_consensus_distance)
         return loss
 
     def _gossip_gradients_finite(self) -> bool:
@@ -121,18 +134,55 @@ class _GossipOptimizer:
                 for name, value in self._gossip_state.items()}
 
     def consensus_distance(self) -> float:
-        """``mean_i ||x_i - mean_j x_j||^2`` over the ranks' models: a collective (two Horovod
-        allreduces), so every rank calls it at the same step."""
+        """``mean_i ||x_i - mean_j x_j||^2`` over the ranks' models, as ``mean_i ||x_i||^2 -
+        ||mean_i x_i||^2`` in float64: one Horovod allreduce, a collective (every rank calls it at
+        the same step; ``consensus_every`` does it every N steps)."""
         with torch.no_grad():
             model = torch.cat([p.detach().reshape(-1).double() for p in self._gossip_parameters])
-            average = hvd.allreduce(model, op=hvd.Average, name="squeeze.gossip.average")
-            squared = torch.sum((model - average) ** 2).reshape(1)
-            return float(hvd.allreduce(squared, op=hvd.Average, name="squeeze.gossip.distance"))
+            averaged = hvd.allreduce(torch.cat([model, torch.sum(model ** 2).reshape(1)]),
+                                     op=hvd.Average, name="squeeze.gossip.consensus")
+            return max(0.0, float(averaged[-1] - torch.sum(averaged[:-1] ** 2)))
 
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self):
+        """The wrapped optimizer's state plus, under ``"gossip"``, this rank's gossip state and
+        step (:func:`horovod_squeeze.decentralized.checkpoint`); no collective. The ranks' models
+        differ, so each rank saves its own (model and optimizer)."""
+        state = super(self.__class__, self).state_dict()
+        state["gossip"] = checkpoint(
+            self._gossip_algorithm, self._gossip_topology, self._gossip_exchange.rank,
+            self._gossip_step_count, self._gossip_sizes,
+            {name: value.cpu().numpy().copy() for name, value in self._gossip_state.items()})
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Loads the wrapped optimizer's state now and the gossip state at the next step, where
+        every rank decides alike: each rank's own state restores exactly if every rank loaded its
+        own; otherwise every rank restarts from zero state at the largest saved step (a warning),
+        which keeps what neighbours believe of each other consistent. ``ValueError`` now for a
+        checkpoint of another algorithm or model."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("gossip", None)
+        if saved is not None:
+            restorable(saved, self._gossip_algorithm, self._gossip_topology,
+                       self._gossip_exchange.rank, self._gossip_sizes)
+        super(self.__class__, self).load_state_dict(state_dict)
+        self._gossip_pending = saved
+
+    def _gossip_restore(self) -> None:
+        saved, self._gossip_pending = self._gossip_pending, None
+        state, self._gossip_step_count = agree_on_restore(
+            saved, self._gossip_algorithm, self._gossip_topology, self._gossip_exchange,
+            self._gossip_sizes)
+        self._gossip_state = {
+            name: (torch.zeros_like(value) if state is None else
+                   torch.as_tensor(state[name], dtype=self._gossip_dtype).to(self._gossip_device))
+            for name, value in self._gossip_state.items()}
 
 def DecentralizedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None, *,
                            algorithm: GossipAlgorithm, topology="ring", comm=None,
-                           precision: str | None = None):
+                           precision: str | None = None, consensus_every: int = 0):
     """Wraps ``optimizer`` for decentralized training: local steps, then gossip with neighbours.
 
     No server and no allreduce in the training step: ``step()`` runs the wrapped optimizer on this
@@ -151,6 +201,12 @@ def DecentralizedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=No
         ranks: launch with ``horovodrun --mpi`` or ``mpirun``; ``--gloo`` has no MPI to share).
       precision: ``"float32"`` or ``"float64"``, the dtype of the algorithm's state and
         arithmetic (default: float64 when every parameter is float64).
+      consensus_every: every that many steps, measure the consensus distance (one allreduce of
+        the model: ``last_consensus_distance``, and logged); 0: never.
+
+    Telemetry: ``bytes_sent_per_step``, ``message_nbytes`` (to each neighbour), ``neighbors``,
+    ``state_norms()``, ``consensus_distance()``, ``skipped_steps``, ``absent_neighbors``.
+    Checkpoints: ``state_dict()`` holds this rank's gossip state; each rank saves and loads its own.
 
     A rank whose gradients are not finite skips its local step (``skipped_steps``, a logged
     warning) and still gossips; one whose model is not finite raises ``FloatingPointError`` after
@@ -173,9 +229,15 @@ def DecentralizedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=No
         precision = working_precision(str(p.dtype) for group in optimizer.param_groups
                                       for p in group["params"] if p.requires_grad)
     topology = check_setup(algorithm, topology, comm.Get_size(), precision)
+    if isinstance(consensus_every, bool) or not isinstance(consensus_every, int) \
+            or consensus_every < 0:
+        raise ValueError(f"consensus_every must be an integer >= 0, got {consensus_every!r}")
     # Horovod's module, as its own optimizer class has: hvd.broadcast_optimizer_state then
     # initializes a fresh optimizer's state with the wrapped optimizer's step, not with a gossip
     # step.
+    methods = {name: value for name, value in _GossipOptimizer.__dict__.items()
+               if name not in ("__dict__", "__weakref__")}  # the wrapped class's own apply
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
-               {**_GossipOptimizer.__dict__, "__module__": _DistributedOptimizer.__module__})
-    return cls(optimizer.param_groups, named_parameters, algorithm, topology, comm, precision)
+               {**methods, "__module__": _DistributedOptimizer.__module__})
+    return cls(optimizer.param_groups, named_parameters, algorithm, topology, comm, precision,
+               consensus_every)

@@ -268,16 +268,17 @@ class DecentralizedCallback(Callback):
         print(gossip.gossip.bytes_sent_per_step)
     """
 
-    def __init__(self, algorithm, topology="ring", *, comm=None, precision=None):
+    def __init__(self, algorithm, topology="ring", *, comm=None, precision=None,
+                 consensus_every=0):
         super().__init__()
-        self._arguments = (algorithm, topology, comm, precision)
+        self._arguments = (algorithm, topology, comm, precision, consensus_every)
         self.gossip = None
 
     def on_train_batch_end(self, batch, logs=None):
         if self.gossip is None:
             from horovod_squeeze.tensorflow.decentralized import Gossip
 
-            algorithm, topology, comm, precision = self._arguments
+            algorithm, topology, comm, precision, consensus_every = self._arguments
             self.gossip = Gossip(self.model.trainable_variables, algorithm, topology, comm=comm,
-                                 precision=precision)
+                                 precision=precision, consensus_every=consensus_every)
         self.gossip()
