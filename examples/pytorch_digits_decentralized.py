@@ -41,7 +41,7 @@ def arguments():
     parser.add_argument("--block-size", type=int, default=None, help="scaledsign: entries per scale")
     parser.add_argument("--consensus-step", type=float, default=0.2)
     parser.add_argument("--topology", choices=list(hs.topology.TOPOLOGIES), default="ring")
-    parser.add_argument("--lr", type=float, default=0.1, help="each rank's local learning rate")
+    parser.add_argument("--lr", type=float, default=0.4, help="each rank's local learning rate")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42)

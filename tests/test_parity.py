@@ -29,10 +29,13 @@ def _public_methods(cls):
 
 def test_same_public_names():
     hst, hstf, hsk = _bindings()
-    # Each framework's own entry point: PyTorch wraps the optimizer, TensorFlow the tape (Keras:
-    # the optimizer, in horovod_squeeze.tensorflow.keras), as Horovod does.
-    assert set(hst.__all__) - {"DistributedOptimizer"} == set(hstf.__all__) - {
-        "DistributedGradientTape"}
+    # Each framework's own entry points: PyTorch wraps the optimizer, TensorFlow the tape (Keras:
+    # the optimizer, in horovod_squeeze.tensorflow.keras), as Horovod does; decentralized,
+    # PyTorch's optimizer gossips in its step, TensorFlow's Gossip after the step (Keras: a
+    # callback).
+    assert set(hst.__all__) - {"DistributedOptimizer", "DecentralizedOptimizer"} == set(
+        hstf.__all__) - {"DistributedGradientTape", "Gossip"}
+    assert {"DecentralizedCallback"} <= set(hsk.callbacks.__all__)
     assert {"DistributedOptimizer", "callbacks"} <= set(hsk.__all__)
     assert hst.state.__all__ == hstf.state.__all__ == ["gather", "restore"]
     from horovod_squeeze.tensorflow import codecs as tf_codecs
@@ -85,3 +88,17 @@ def test_same_arguments_and_methods():
 
         assert (list(inspect.signature(getattr(torch_codecs, name)).parameters)
                 == list(inspect.signature(getattr(tf_codecs, name)).parameters))
+
+
+def test_decentralized_telemetry_and_checkpoints_have_the_same_names():
+    from horovod_squeeze.tensorflow.decentralized import Gossip
+    from horovod_squeeze.torch.decentralized import _GossipOptimizer
+
+    shared = {"bytes_sent_per_step", "neighbors", "state_norms",
+              "consensus_distance", "state_dict", "load_state_dict"}
+    assert shared <= _public_methods(_GossipOptimizer) and shared <= _public_methods(Gossip)
+    hst, hstf, hsk = _bindings()
+    options = {"comm", "precision", "consensus_every"}
+    assert options <= set(inspect.signature(hst.DecentralizedOptimizer).parameters)
+    assert options <= set(inspect.signature(Gossip).parameters)
+    assert options <= set(inspect.signature(hsk.callbacks.DecentralizedCallback).parameters)
