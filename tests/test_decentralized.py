@@ -98,20 +98,34 @@ def _checkpoints():
 
 
 def _bad_gradients_on_rank_1():
-    """One step where rank 1's gradients are NaN: its skip count and every rank's weights."""
+    """One step where rank 1's gradients are not finite, set directly and through AMP's
+    GradScaler (which would skip step() on that rank alone): skip counts and weights."""
     import horovod.torch as hvd
     import torch
 
     import horovod_squeeze.torch as hst
 
-    model = torch.nn.Linear(3, 1, bias=False)
-    with torch.no_grad():
-        model.weight.fill_(float(hvd.rank()))
-    optimizer = hst.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
-                                           algorithm=hs.DPSGD(), topology="ring")
+    def build():
+        model = torch.nn.Linear(3, 1, bias=False)
+        with torch.no_grad():
+            model.weight.fill_(float(hvd.rank()))
+        return model, hst.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
+                                                 algorithm=hs.DPSGD(), topology="ring")
+
+    model, optimizer = build()
     model.weight.grad = torch.full((1, 3), float("nan") if hvd.rank() == 1 else 1.0)
     optimizer.step()
-    return optimizer.skipped_steps, model.weight.detach().reshape(-1).tolist()
+    out = {"plain": (optimizer.skipped_steps, model.weight.detach().reshape(-1).tolist())}
+
+    model, optimizer = build()
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    loss = model(torch.ones(1, 3)).sum() * (float("inf") if hvd.rank() == 1 else 1.0)
+    scaler.scale(loss).backward()            # gradients 4 x 1 (inf on rank 1), left scaled
+    scaler.step(optimizer)
+    scaler.update()
+    out["scaler"] = (optimizer.skipped_steps, model.weight.detach().reshape(-1).tolist(),
+                     scaler.get_scale())
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -180,14 +194,18 @@ def test_a_rank_built_differently_is_an_error_on_every_rank():
         run_on_ranks(_misconfigured, 4, "mpi", timeout=120)
 
 
-def test_bad_gradients_skip_that_ranks_local_step_and_it_still_gossips(four_ranks):
-    results = [bad for _, bad, _ in four_ranks]
-    assert [skipped for skipped, _ in results] == [1 if rank == 1 else 0 for rank in range(4)]
-    # After the local steps x_half = rank - 0.5, except rank 1 (kept 1.0); ring weights 1/3.
+@pytest.mark.parametrize("case", ["plain", "scaler"])
+def test_bad_gradients_skip_that_ranks_local_step_and_it_still_gossips(four_ranks, case):
+    results = [bad[case] for _, bad, _ in four_ranks]
+    assert [result[0] for result in results] == [1 if rank == 1 else 0 for rank in range(4)]
+    # After the local steps x_half = rank - 0.5 (GradScaler's scale of 4 divided out), except rank
+    # 1 (kept 1.0); ring weights 1/3.
     x_half = [-0.5, 1.0, 1.5, 2.5]
-    for rank, (_, weights) in enumerate(results):
+    for rank, result in enumerate(results):
         expected = np.float32(sum(x_half[j] for j in (rank - 1, rank, (rank + 1) % 4)) / 3)
-        np.testing.assert_allclose(weights, [expected] * 3, rtol=1e-6)
+        np.testing.assert_allclose(result[1], [expected] * 3, rtol=1e-6)
+    if case == "scaler":  # the overflowing rank backs its scale off, as GradScaler does
+        assert [result[2] for result in results] == [4.0, 2.0, 4.0, 4.0]
 
 
 def _under_gloo():

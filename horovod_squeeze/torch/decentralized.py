@@ -63,13 +63,27 @@ class _GossipOptimizer:
 
     # --- the step ---------------------------------------------------------------------------
 
+    # GradScaler then calls step() on every rank, setting grad_scale and found_inf, instead of
+    # skipping it on a rank whose gradients overflowed, which would leave its neighbours waiting.
+    _step_supports_amp_scaling = True
+
     def step(self, closure=None):
         if self._gossip_pending is not None:
             self._gossip_restore()
         loss = None
-        if self._gossip_gradients_finite():
-            loss = super(self.__class__, self).step(closure)
-        else:
+        # GradScaler's attributes are for this step, not the wrapped optimizer's (plain SGD
+        # refuses them); GradScaler deletes them afterwards, so they are put back.
+        amp = {name: self.__dict__.pop(name) for name in ("grad_scale", "found_inf")
+               if name in self.__dict__}
+        overflow = amp.get("found_inf")
+        finite = (overflow is None or not bool(overflow)) and self._gossip_gradients_finite()
+        try:
+            if finite:
+                self._gossip_unscale(amp.get("grad_scale"))
+                loss = super(self.__class__, self).step(closure)
+        finally:
+            self.__dict__.update(amp)
+        if not finite:
             # This rank's gradients alone are bad (each rank has its own): it skips its local step
             # but still gossips its (finite) model, so no neighbour waits and the graph stays whole.
             self.skipped_steps += 1
@@ -103,6 +117,14 @@ class _GossipOptimizer:
         if not grads:
             return True
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _gossip_unscale(self, grad_scale) -> None:
+        """Gradients GradScaler left scaled (it did not unscale them first) divided by its scale."""
+        if grad_scale is None:
+            return
+        for p in self._gossip_parameters:
+            if p.grad is not None:
+                p.grad.div_(grad_scale.to(p.grad.device))
 
     def _gossip_send(self, message):
         received = self._gossip_exchange.allgather(message.cpu().numpy())
@@ -209,7 +231,8 @@ def DecentralizedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=No
     Checkpoints: ``state_dict()`` holds this rank's gossip state; each rank saves and loads its own.
 
     A rank whose gradients are not finite skips its local step (``skipped_steps``, a logged
-    warning) and still gossips; one whose model is not finite raises ``FloatingPointError`` after
+    warning) and still gossips (with ``torch.amp.GradScaler`` too: ``scaler.step(optimizer)``
+    calls ``step()`` on every rank, and this rank's overflow skips only its local step); one whose model is not finite raises ``FloatingPointError`` after
     the exchange (its neighbours mix without it), so no rank is left waiting.
 
     Example::
