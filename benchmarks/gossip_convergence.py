@@ -54,9 +54,10 @@ def distance(models, point=None) -> float:
 
 
 def consensus(algorithm, topology, steps=1000):
+    """The consensus distance after every step of gossip alone, each rank from its own model."""
     rng = np.random.default_rng(1)
-    models = [rng.standard_normal(NUMEL).astype(np.float32) + 3 * i for i in range(RANKS)]
-    state = init_state(algorithm, NUMEL, RANKS)
+    models = [rng.standard_normal(NUMEL).astype(np.float32) + 3 * i for i in range(topology.size)]
+    state = init_state(algorithm, NUMEL, topology.size)
     distances = [distance(models)]
     for step in range(steps):
         models, state = simulate_gossip(algorithm, topology.weights, models, state, step=step)

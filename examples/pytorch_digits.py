@@ -62,15 +62,26 @@ def load_split(seed):
             torch.from_numpy(x_test[:, None]), torch.from_numpy(y_test))
 
 
+def rank_split(seed):
+    """This rank's shard of the training set and the whole test set; seeds torch, one thread."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    x_train, y_train, x_test, y_test = load_split(seed)
+    shard = slice(hvd.rank(), None, hvd.size())
+    return x_train[shard], y_train[shard], x_test, y_test
+
+
+def warmup_cosine(optimizer, steps_per_epoch, epochs):
+    """Linear warm-up over the first epoch, then cosine decay to zero, stepped every batch."""
+    total_steps = epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
+        (step + 1) / steps_per_epoch, 0.5 * (1 + math.cos(math.pi * step / total_steps))))
+
+
 def main():
     args = argument_parser(__doc__.split("\n")[0]).parse_args()
     hvd.init()
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(1)
-
-    x_train, y_train, x_test, y_test = load_split(args.seed)
-    shard = slice(hvd.rank(), None, hvd.size())
-    x_train, y_train = x_train[shard], y_train[shard]
+    x_train, y_train, x_test, y_test = rank_split(args.seed)
 
     model = DigitsNet()
     optimizer = make_optimizer(args, model)
@@ -79,11 +90,8 @@ def main():
 
     generator = torch.Generator().manual_seed(args.seed + hvd.rank())
     steps_per_epoch = len(x_train) // args.batch_size
-    # Linear warm-up over the first epoch (the learning rate is scaled by the number of ranks, as
-    # Horovod recommends), then cosine decay to zero.
-    total_steps = args.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
-        (step + 1) / steps_per_epoch, 0.5 * (1 + math.cos(math.pi * step / total_steps))))
+    # The learning rate is scaled by the number of ranks, as Horovod recommends.
+    schedule = warmup_cosine(optimizer, steps_per_epoch, args.epochs)
     progress = progress_of(range(args.epochs), desc="epochs", enabled=hvd.rank() == 0)
     test_losses = []  # every rank holds the same model: each computes the same held-out loss
     for _ in progress:

@@ -11,8 +11,6 @@ the neighbour exchange uses MPI's distributed graph communicators):
 its own shard; rank 0 prints the held-out accuracy of the ranks' average model, the range of the
 ranks' own accuracies, and the bytes each rank sent per step against D-PSGD's.
 """
-import math
-
 import horovod.torch as hvd
 import torch
 import torch.nn.functional as F
@@ -22,7 +20,7 @@ import horovod_squeeze.torch as hst
 from horovod_squeeze.decentralized import message_nbytes
 from horovod_squeeze.progress import progress as progress_of
 from common import COMPRESSORS, short_repr
-from pytorch_digits import DigitsNet, load_split
+from pytorch_digits import DigitsNet, rank_split, warmup_cosine
 
 GOSSIP = {"dpsgd": lambda args, compressor: hs.DPSGD(),
           "deepsqueeze": lambda args, compressor: hs.DeepSqueeze(compressor, args.consensus_step),
@@ -60,11 +58,7 @@ def accuracy(model, x, y) -> float:
 def main():
     args = arguments()
     hvd.init()
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(1)
-    x_train, y_train, x_test, y_test = load_split(args.seed)
-    shard = slice(hvd.rank(), None, hvd.size())
-    x_train, y_train = x_train[shard], y_train[shard]
+    x_train, y_train, x_test, y_test = rank_split(args.seed)
 
     model = DigitsNet()
     compressor = COMPRESSORS[args.compressor](args)
@@ -76,9 +70,7 @@ def main():
 
     generator = torch.Generator().manual_seed(args.seed + hvd.rank())
     steps_per_epoch = len(x_train) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
-        (step + 1) / steps_per_epoch, 0.5 * (1 + math.cos(math.pi * step / total_steps))))
+    schedule = warmup_cosine(optimizer, steps_per_epoch, args.epochs)
     for _ in progress_of(range(args.epochs), desc="epochs", enabled=hvd.rank() == 0):
         model.train()
         order = torch.randperm(len(x_train), generator=generator)

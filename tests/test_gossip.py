@@ -10,6 +10,7 @@ import horovod_squeeze as hs
 from horovod_squeeze import topology as T
 from horovod_squeeze.reference.gossip import init_state, simulate_gossip
 
+from benchmarks.gossip_convergence import consensus
 from gossip_threads import gossip_on_threads
 
 BUILT_IN = [T.ring(2), T.ring(3), T.ring(8), T.torus(8), T.torus(9), T.torus(12, rows=3),
@@ -164,28 +165,11 @@ def test_dpsgd_is_deep_squeeze_with_identity_and_step_one():
 
 # --- consensus ------------------------------------------------------------------------------------
 
-def _consensus_distance(models):
-    stacked = np.stack(models).astype(np.float64)
-    return float(np.mean(np.sum((stacked - stacked.mean(axis=0)) ** 2, axis=1)))
-
-
-def _zero_gradient_distances(algorithm, topology, steps):
-    rng = np.random.default_rng(1)
-    n, numel = topology.size, 512
-    models = [rng.standard_normal(numel).astype(np.float32) + 3 * i for i in range(n)]
-    state = init_state(algorithm, numel, n)
-    distances = [_consensus_distance(models)]
-    for step in range(steps):
-        models, state = simulate_gossip(algorithm, topology.weights, models, state, step=step)
-        distances.append(_consensus_distance(models))
-    return distances
-
-
 @pytest.mark.parametrize("topology", [T.ring(8), T.torus(8), T.exponential(8)], ids=repr)
 @pytest.mark.parametrize("algorithm", [
     hs.DPSGD(), hs.ChocoSGD(hs.ScaledSign(block_size=64), consensus_step=0.2)], ids=repr)
 def test_zero_gradients_reach_consensus_geometrically(algorithm, topology):
-    distances = _zero_gradient_distances(algorithm, topology, 600)
+    distances = consensus(algorithm, topology, 600)
     # Every 100 steps halve the distance at least, down to float32's floor.
     floor = 1e-9 * distances[0]
     assert distances[-1] < floor
@@ -199,7 +183,7 @@ def test_deep_squeeze_reaches_a_floor_that_shrinks_with_the_consensus_step(topol
     # consensus: the distance falls geometrically to a floor of order (eta * error)^2.
     floors = []
     for eta in (0.2, 0.1, 0.05):
-        distances = _zero_gradient_distances(
+        distances = consensus(
             hs.DeepSqueeze(hs.ScaledSign(), consensus_step=eta), topology, 1000)
         assert min(distances[:600]) < 0.05 * distances[0]
         floors.append(np.mean(distances[-200:]))

@@ -9,24 +9,18 @@ compressed with the nonce of (step, rank) (:func:`~horovod_squeeze.algorithms.go
 """
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 
 from horovod_squeeze import reference
 from horovod_squeeze.algorithms.gossip import gossip_nonce
+from horovod_squeeze.reference.simulate import reference_module
 
 __all__ = ["init_state", "simulate_gossip"]
 
 
-def _module(algorithm):
-    return importlib.import_module(
-        f"horovod_squeeze.reference.{type(algorithm).__module__.rsplit('.', 1)[-1]}")
-
-
 def init_state(algorithm, numel: int, num_ranks: int, precision: str = "float32") -> dict:
     """The reference's zero state for models of ``numel`` entries."""
-    return _module(algorithm).init_state(numel, num_ranks, precision)
+    return reference_module(algorithm).init_state(numel, num_ranks, precision)
 
 
 def simulate_gossip(algorithm, weights, models: list[np.ndarray], state: dict, *, step: int,
@@ -46,5 +40,5 @@ def simulate_gossip(algorithm, weights, models: list[np.ndarray], state: dict, *
         return reference.decompress(algorithm.compressor, payload, v.size,
                                     segments=segments).astype(precision)
 
-    return _module(algorithm).gossip(algorithm, [m.astype(precision) for m in models], state,
+    return reference_module(algorithm).gossip(algorithm, [m.astype(precision) for m in models], state,
                                      weights, order, compress)

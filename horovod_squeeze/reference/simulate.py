@@ -32,7 +32,13 @@ from horovod_squeeze import reference
 from horovod_squeeze.algorithms import MODEL_INCREMENT
 from horovod_squeeze.exchange import PASS1, PASS2, shard_numel, stage_nonce
 
-__all__ = ["init_state", "simulate_step"]
+__all__ = ["init_state", "simulate_step", "reference_module"]
+
+
+def reference_module(algorithm):
+    """The NumPy module written from ``algorithm``'s paper: the one named like its module."""
+    return importlib.import_module(
+        f"horovod_squeeze.reference.{type(algorithm).__module__.rsplit('.', 1)[-1]}")
 
 
 def init_state(algorithm, exchange: str, numel: int, num_workers: int,
@@ -71,8 +77,7 @@ def simulate_step(algorithm, exchange: str, gradients: list[np.ndarray], state: 
     """
     if exchange not in ("sharded", "allgather", "allreduce"):
         raise ValueError(f"unknown exchange {exchange!r}")
-    module = importlib.import_module(
-        f"horovod_squeeze.reference.{type(algorithm).__module__.rsplit('.', 1)[-1]}")
+    module = reference_module(algorithm)
     if algorithm.output == MODEL_INCREMENT:
         if learning_rate is None:
             raise ValueError(f"{algorithm!r} outputs a model increment: pass learning_rate")
