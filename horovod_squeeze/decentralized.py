@@ -45,10 +45,14 @@ def message_nbytes(algorithm: GossipAlgorithm, size: int, segments=None) -> int:
     return FLAG_BYTES + algorithm.compressor.payload_nbytes(size, segments)
 
 
-def check_setup(algorithm, topology, size: int, precision: str) -> Topology:
+def check_setup(algorithm, topology, size: int, precision: str,
+                consensus_every: int = 0) -> Topology:
     """The bindings' argument checks: ``algorithm`` a gossip algorithm, ``topology`` a
     :class:`Topology` of ``size`` ranks or a built-in graph's name, ``precision`` float32 or
-    float64. Returns the topology."""
+    float64, ``consensus_every`` a whole number of steps (0: never). Returns the topology."""
+    if isinstance(consensus_every, bool) or not isinstance(consensus_every, int) \
+            or consensus_every < 0:
+        raise ValueError(f"consensus_every must be an integer >= 0, got {consensus_every!r}")
     if not isinstance(algorithm, GossipAlgorithm):
         raise TypeError(f"decentralized training needs a decentralized algorithm (hs.DeepSqueeze, "
                         f"hs.ChocoSGD or hs.DPSGD), got {algorithm!r}")

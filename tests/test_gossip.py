@@ -83,6 +83,27 @@ def test_impossible_parameters_are_refused(make, message):
         make()
 
 
+@pytest.mark.parametrize("arguments, message", [
+    ((hs.DoubleSqueeze(hs.ScaledSign()), "ring", 4, "float32"), "needs a decentralized algorithm"),
+    ((hs.DPSGD(), "star", 4, "float32"), "unknown topology 'star'"),
+    ((hs.DPSGD(), np.eye(4), 4, "float32"), "topology must be a name or"),
+    ((hs.DPSGD(), "ring", 4, "float16"), "precision must be 'float32' or 'float64'"),
+    ((hs.DPSGD(), "ring", 4, "float32", -1), "consensus_every must be an integer >= 0"),
+    ((hs.DPSGD(), "ring", 4, "float32", 2.5), "consensus_every must be an integer >= 0"),
+])
+def test_the_bindings_bad_arguments_are_named(arguments, message):
+    from horovod_squeeze.decentralized import check_setup
+
+    with pytest.raises((ValueError, TypeError), match=message):
+        check_setup(*arguments)
+
+
+def test_a_topology_name_becomes_the_graph_over_every_rank():
+    from horovod_squeeze.decentralized import check_setup
+
+    assert check_setup(hs.DPSGD(), "torus", 9, "float32", 5).name == "torus(3x3)"
+
+
 # --- the algorithms against their references ----------------------------------------------------
 
 ALGORITHMS = [

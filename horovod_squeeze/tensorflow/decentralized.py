@@ -56,10 +56,8 @@ class Gossip:
         comm = world(hvd.size()) if comm is None else comm
         if precision is None:
             precision = working_precision(v.dtype.name for v in self.variables)
-        self.topology = check_setup(algorithm, topology, comm.Get_size(), precision)
-        if isinstance(consensus_every, bool) or not isinstance(consensus_every, int) \
-                or consensus_every < 0:
-            raise ValueError(f"consensus_every must be an integer >= 0, got {consensus_every!r}")
+        self.topology = check_setup(algorithm, topology, comm.Get_size(), precision,
+                                    consensus_every)
         self.consensus_every = consensus_every
         self.last_consensus_distance: float | None = None
         self._pending = None

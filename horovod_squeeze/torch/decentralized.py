@@ -39,6 +39,7 @@ class _GossipOptimizer:
             raise ValueError("DecentralizedOptimizer: the optimizer has no trainable parameters")
         self._gossip_algorithm = algorithm
         self._gossip_topology = topology
+        self._gossip_precision = precision
         self._gossip_dtype = getattr(torch, precision)
         self._gossip_device = self._gossip_parameters[0].device
         self._gossip_sizes = tuple(p.numel() for p in self._gossip_parameters)
@@ -98,7 +99,7 @@ class _GossipOptimizer:
                 topology=self._gossip_topology, rank=self._gossip_exchange.rank,
                 step=self._gossip_step_count, finite=bool(torch.isfinite(model).all()),
                 exchange=self._gossip_send, segments=self._gossip_sizes,
-                precision=str(self._gossip_dtype).replace("torch.", ""))
+                precision=self._gossip_precision)
             for p, value in zip(self._gossip_parameters,
                                 result.model.split(self._gossip_sizes)):
                 p.copy_(value.reshape(p.shape))
@@ -251,10 +252,7 @@ def DecentralizedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=No
     if precision is None:
         precision = working_precision(str(p.dtype) for group in optimizer.param_groups
                                       for p in group["params"] if p.requires_grad)
-    topology = check_setup(algorithm, topology, comm.Get_size(), precision)
-    if isinstance(consensus_every, bool) or not isinstance(consensus_every, int) \
-            or consensus_every < 0:
-        raise ValueError(f"consensus_every must be an integer >= 0, got {consensus_every!r}")
+    topology = check_setup(algorithm, topology, comm.Get_size(), precision, consensus_every)
     # Horovod's module, as its own optimizer class has: hvd.broadcast_optimizer_state then
     # initializes a fresh optimizer's state with the wrapped optimizer's step, not with a gossip
     # step.
