@@ -5,7 +5,10 @@
   same way to everyone;
 - Horovod's ``DistributedOptimizer`` with fp32 and fp16 compression;
 - PyTorch DDP (gloo) allreduce, and DDP with the PowerSGD hook (its error feedback on);
-- this project's ``DistributedOptimizer`` with an algorithm x compressor (one per pass) x exchange.
+- this project's ``DistributedOptimizer`` with an algorithm x compressor (one per pass) x exchange;
+- this project's ``DecentralizedOptimizer`` (D-PSGD, DeepSqueeze, CHOCO-SGD on a ring): a local
+  step, then one message to each neighbour over MPI neighbour collectives, so these contenders
+  need Horovod's MPI controller (``--controller mpi``).
 
 ``ErrorFeedback`` and ``NoFeedback`` contenders always name their second pass: ``server=ScaledSign``
 (compressed without feedback, what the published runs measured) or ``server=Identity`` (the average
@@ -21,8 +24,8 @@ import datetime
 
 import torch
 
-__all__ = ["ContenderSpec", "CATALOG", "QUICK", "FULL", "PROBES", "Contender", "build",
-           "uses_horovod", "init_process_groups"]
+__all__ = ["ContenderSpec", "CATALOG", "QUICK", "FULL", "PROBES", "DECENTRALIZED", "Contender",
+           "build", "uses_horovod", "needs_mpi", "init_process_groups"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,20 +33,25 @@ class ContenderSpec:
     """A contender by name: its family and the settings that family needs."""
 
     name: str
-    family: str  # "local", "horovod", "ddp" or "squeeze"
+    family: str  # "local", "horovod", "ddp", "squeeze" or "gossip"
     compression: str = "none"  # horovod: "none" or "fp16"
     powersgd_rank: int | None = None
     ddp_bucket_cap_mb: float = 25.0
-    algorithm: str = ""  # squeeze: "DoubleSqueeze", "ErrorFeedback" or "NoFeedback"
-    compressor: str = ""  # squeeze: pass 1's compressor, a key of _compressor()
-    exchange: str = "sharded"
+    # squeeze: "DoubleSqueeze", "ErrorFeedback" or "NoFeedback"; gossip: "DPSGD", "DeepSqueeze"
+    # or "ChocoSGD"
+    algorithm: str = ""
+    compressor: str = ""  # squeeze: pass 1's compressor, a key of _compressor(); gossip: the one
+    exchange: str = "sharded"  # squeeze: the exchange; gossip: the topology's name
     server: str = ""  # squeeze: pass 2's compressor, a key of _compressor() ("": the default)
 
     def algorithm_spec(self):
-        """The squeeze contender's algorithm, e.g. ``DoubleSqueeze(ScaledSign())``."""
+        """The contender's algorithm, e.g. ``DoubleSqueeze(ScaledSign())``."""
         import horovod_squeeze as hs
 
         cls = getattr(hs, self.algorithm)
+        if self.family == "gossip":
+            return cls() if not self.compressor else cls(_compressor(self.compressor),
+                                                           consensus_step=_CONSENSUS_STEP)
         if not self.server:
             return cls(_compressor(self.compressor))
         return cls(_compressor(self.compressor), server=_compressor(self.server))
@@ -62,6 +70,16 @@ def _squeeze(algorithm: str, compressor: str, exchange: str = "sharded", *,
     return ContenderSpec(f"{algorithm}({passes}) {exchange}", "squeeze", algorithm=algorithm,
                          compressor=compressor, exchange=exchange, server=server)
 
+
+def _gossip(algorithm: str, compressor: str = "", topology: str = "ring") -> ContenderSpec:
+    label = {"DPSGD": "D-PSGD", "ChocoSGD": "CHOCO-SGD"}.get(algorithm, algorithm)
+    name = f"{label}({compressor}) {topology}" if compressor else f"{label} {topology}"
+    return ContenderSpec(name, "gossip", algorithm=algorithm, compressor=compressor,
+                         exchange=topology)
+
+
+# The consensus step of the decentralized digits benchmark (it does not change a step's bytes).
+_CONSENSUS_STEP = 0.2
 
 # PowerSGD with DDP's default 25 MB buckets aborted on 4 ranks with Gloo ("received data size
 # does not match the expected size") once DDP rebuilt its buckets; one large bucket runs.
@@ -85,6 +103,10 @@ CATALOG: dict[str, ContenderSpec] = {spec.name: spec for spec in [
     _squeeze("DoubleSqueeze", "TopK(0.01)", "allgather"),
     _squeeze("DoubleSqueeze", "QSGD(4)"),
     _squeeze("DoubleSqueeze", "Ternary"),
+    _gossip("DPSGD"),
+    _gossip("DeepSqueeze", "ScaledSign"),
+    _gossip("ChocoSGD", "ScaledSign"),
+    _gossip("DeepSqueeze", "ScaledSign", "exponential"),
 ]}
 
 #: The published run's contenders (the catalog's others can be named on the command line).
@@ -96,6 +118,9 @@ FULL = ["compute only", "Horovod fp32", "Horovod fp16", "DDP allreduce", "DDP Po
         "DoubleSqueeze(QSGD(4)) sharded"]
 #: Contenders run in a job of their own because they may abort the whole process group.
 PROBES = ["DDP PowerSGD r4 (25 MB buckets)"]
+#: Decentralized training beside this project's DoubleSqueeze (``--suite decentralized``).
+DECENTRALIZED = ["compute only", "Horovod fp32", "DoubleSqueeze(ScaledSign) sharded",
+                 "D-PSGD ring", "DeepSqueeze(ScaledSign) ring", "CHOCO-SGD(ScaledSign) ring"]
 QUICK = ["compute only", "Horovod fp32", "Horovod fp16", "DDP allreduce", "DDP PowerSGD r4",
          "DoubleSqueeze(ScaledSign) sharded", "DoubleSqueeze(TopK(0.01)) sharded"]
 
@@ -134,6 +159,8 @@ class Contender:
         self.forward: torch.nn.Module = model
         if spec.family in ("horovod", "squeeze"):
             optimizer = self._horovod_optimizer(optimizer)
+        elif spec.family == "gossip":
+            optimizer = self._decentralized_optimizer(optimizer)
         elif spec.family == "ddp":
             self.forward = self._ddp()
         self.optimizer = optimizer
@@ -154,6 +181,18 @@ class Contender:
         named = [(f"{spec.name}/{name}", p) for name, p in self.model.named_parameters()]
         wrapped = hst.DistributedOptimizer(optimizer, named_parameters=named,
                                            compression=compression, **options)
+        hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        return wrapped
+
+    def _decentralized_optimizer(self, optimizer):
+        import horovod.torch as hvd
+
+        import horovod_squeeze.torch as hst
+
+        named = [(f"{self.spec.name}/{name}", p) for name, p in self.model.named_parameters()]
+        wrapped = hst.DecentralizedOptimizer(optimizer, named_parameters=named,
+                                             algorithm=self.spec.algorithm_spec(),
+                                             topology=self.spec.exchange)
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         return wrapped
 
@@ -191,6 +230,12 @@ class Contender:
                                   "communicate_s": stats.communicate_seconds,
                                   "decode_s": stats.decode_seconds,
                                   "fp32_allreduce_bytes": stats.fp32_allreduce_bytes}}
+        if spec.family == "gossip":
+            # One message to each neighbour, and one from each.
+            sent = self.optimizer.bytes_sent_per_step
+            return {"payload_sent": sent, "payload_received": sent,
+                    "gossip": {"neighbors": len(self.optimizer.neighbors),
+                               "message_nbytes": self.optimizer.message_nbytes}}
         if spec.family == "horovod":
             ring = _ring_bytes(self.numel, 2 if spec.compression == "fp16" else 4, n)
         elif spec.powersgd_rank is not None and self.steps_done >= self._powersgd_start:
@@ -209,7 +254,12 @@ def build(name: str, model: torch.nn.Module, *, lr: float, momentum: float, num_
 
 def uses_horovod(names: list[str]) -> bool:
     """Whether any of these contenders needs Horovod (whose background thread is never silent)."""
-    return any(CATALOG[name].family in ("horovod", "squeeze") for name in names)
+    return any(CATALOG[name].family in ("horovod", "squeeze", "gossip") for name in names)
+
+
+def needs_mpi(names: list[str]) -> list[str]:
+    """The contenders that exchange over MPI neighbour collectives (Horovod's MPI controller)."""
+    return [name for name in names if CATALOG[name].family == "gossip"]
 
 
 def init_process_groups(master_addr: str, master_port: int, rank: int, size: int,

@@ -152,6 +152,9 @@ def _start_mpirun(made: Cluster, job_dir: pathlib.Path, log: pathlib.Path,
                # Daemons talk to mpirun directly: with the default tree routing one launch in
                # three failed ("ORTE does not know how to route a message to the daemon").
                "--mca", "routed", "direct",
+               # One slot per host, so Open MPI thinks no node oversubscribed and its waiting
+               # ranks spin; here they share 2 cores with the ranks that compute.
+               "--mca", "mpi_yield_when_idle", "1",
                "--mca", "btl_tcp_if_include", iface, "--mca", "oob_tcp_if_include", iface,
                "--tag-output", *exported,
                sys.executable, "-m", "benchmarks.cluster.rank", str(job_dir)]

@@ -5,6 +5,10 @@ address in a private subnet; the other end of each host's veth pair sits in a sw
 ``hsq-<pid>-sw`` and is enslaved to a bridge there. The switch namespace is not connected to the
 machine's own network, so nothing sent inside the cluster can leave it.
 
+A cluster with latency (``latency_ms > 0``) has no bridge: this kernel has no ``netem``, so each
+host's ``eth0`` is a TUN device whose other end is :mod:`benchmarks.cluster.delay_link`, a switch
+process in the switch namespace that delivers every packet that many milliseconds late.
+
 Names carry the creating process's id: a later run removes only sets whose creator is gone, so two
 runs (a benchmark and the tests) never remove each other's hosts.
 """
@@ -16,10 +20,12 @@ import ipaddress
 import os
 import pathlib
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 from typing import Iterator
 
 __all__ = ["PREFIX", "Host", "Cluster", "ForeignAddressError", "require_root", "create_cluster",
@@ -57,6 +63,7 @@ class Cluster:
     switch: str
     hosts: tuple[Host, ...]
     subnet: str
+    latency_ms: float = 0.0  # one way, between any two hosts
 
     @property
     def namespaces(self) -> list[str]:
@@ -108,11 +115,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def create_cluster(num_hosts: int, subnet: str = DEFAULT_SUBNET) -> Cluster:
-    """Creates ``num_hosts`` hosts on a bridge (removing stale sets first); unshaped links."""
+def create_cluster(num_hosts: int, subnet: str = DEFAULT_SUBNET,
+                   latency_ms: float = 0.0) -> Cluster:
+    """Creates ``num_hosts`` hosts (removing stale sets first): on a bridge, or with
+    ``latency_ms`` > 0 on a switch that delays every packet that long; unshaped links."""
     require_root()
     if not 2 <= num_hosts <= MAX_HOSTS:
         raise ValueError(f"num_hosts must be 2..{MAX_HOSTS}, got {num_hosts}")
+    if not 0 <= latency_ms <= 10_000:
+        raise ValueError(f"latency_ms must be within 0..10000, got {latency_ms!r}")
     network = ipaddress.ip_network(subnet)
     if not network.is_private or network.num_addresses < num_hosts + 2:
         raise ValueError(f"subnet must be a private network with room for {num_hosts} hosts, "
@@ -120,31 +131,78 @@ def create_cluster(num_hosts: int, subnet: str = DEFAULT_SUBNET) -> Cluster:
     remove_stale()
     base = f"{PREFIX}{os.getpid()}-"
     addresses = list(network.hosts())[:num_hosts]
-    hosts = tuple(Host(rank, f"{base}h{rank}", str(addresses[rank]), switch_port=f"p{rank}")
+    delayed = latency_ms > 0
+    hosts = tuple(Host(rank, f"{base}h{rank}", str(addresses[rank]),
+                       switch_port="" if delayed else f"p{rank}")
                   for rank in range(num_hosts))
-    made = Cluster(f"{base}sw", hosts, subnet)
+    made = Cluster(f"{base}sw", hosts, subnet, float(latency_ms))
     try:
         ip("netns", "add", made.switch)
-        ip("link", "add", BRIDGE, "type", "bridge", namespace=made.switch)
-        ip("link", "set", BRIDGE, "up", namespace=made.switch)
         for host in hosts:
-            _add_host(made, host, network.prefixlen)
+            ip("netns", "add", host.namespace)
+            ip("link", "set", "lo", "up", namespace=host.namespace)
+            _write_hosts_file(host)
+        if delayed:
+            _delayed_links(made, network.prefixlen)
+        else:
+            ip("link", "add", BRIDGE, "type", "bridge", namespace=made.switch)
+            ip("link", "set", BRIDGE, "up", namespace=made.switch)
+            for host in hosts:
+                _bridged_link(made, host, network.prefixlen)
     except BaseException:
         remove_cluster(made)
         raise
     return made
 
 
-def _add_host(made: Cluster, host: Host, prefixlen: int) -> None:
-    ip("netns", "add", host.namespace)
+def _bridged_link(made: Cluster, host: Host, prefixlen: int) -> None:
     # Created directly inside the namespaces, so the machine's own interfaces are never touched.
     ip("link", "add", host.iface, "type", "veth", "peer", "name", host.switch_port,
        "netns", made.switch, namespace=host.namespace)
     ip("addr", "add", f"{host.address}/{prefixlen}", "dev", host.iface, namespace=host.namespace)
     ip("link", "set", host.iface, "up", namespace=host.namespace)
-    ip("link", "set", "lo", "up", namespace=host.namespace)
     ip("link", "set", host.switch_port, "master", BRIDGE, namespace=made.switch)
     ip("link", "set", host.switch_port, "up", namespace=made.switch)
+
+
+# The delaying switch of each cluster with latency, by switch namespace.
+_SWITCHES: dict[str, subprocess.Popen] = {}
+_SWITCH_START_S = 30
+
+
+def _delayed_links(made: Cluster, prefixlen: int) -> None:
+    from benchmarks.cluster import delay_link
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    switch = subprocess.Popen(
+        ["ip", "netns", "exec", made.switch, sys.executable, "-m",
+         "benchmarks.cluster.delay_link", f"{made.latency_ms:g}", str(len(made.hosts))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)})
+    _SWITCHES[made.switch] = switch
+    try:
+        ready = switch.stdout.readline() if _readable(switch.stdout, _SWITCH_START_S) else ""
+    except OSError:
+        ready = ""
+    if ready.strip() != "ready":
+        raise RuntimeError(f"the delaying switch did not start (it printed {ready!r})")
+    for host in made.hosts:
+        device = delay_link.device_name(host.rank)
+        ip("link", "set", device, "netns", host.namespace, namespace=made.switch)
+        ip("link", "set", device, "name", host.iface, namespace=host.namespace)
+        ip("link", "set", host.iface, "mtu", str(delay_link.MTU), namespace=host.namespace)
+        ip("addr", "add", f"{host.address}/{prefixlen}", "dev", host.iface,
+           namespace=host.namespace)
+        ip("link", "set", host.iface, "up", namespace=host.namespace)
+    switch.stdin.write("".join(f"{host.address}\n" for host in made.hosts))
+    switch.stdin.flush()
+
+
+def _readable(stream, timeout_s: float) -> bool:
+    return bool(select.select([stream], [], [], timeout_s)[0])
+
+
+def _write_hosts_file(host: Host) -> None:
     # Horovod 0.28.1 builds its per-process-set Gloo contexts from the hostname, not from
     # HOROVOD_GLOO_IFACE; inside the namespace the hostname must resolve to the host's address.
     etc = _NETNS_ETC / host.namespace
@@ -156,6 +214,10 @@ def remove_cluster(made: Cluster) -> None:
     """Kills what still runs in the cluster's namespaces and removes them (links go with them)."""
     for namespace in made.namespaces:
         _remove_namespace(namespace)
+    switch = _SWITCHES.pop(made.switch, None)
+    if switch is not None:  # killed with its namespace; reaped here
+        switch.kill()
+        switch.wait()
 
 
 def _remove_namespace(namespace: str) -> None:
@@ -194,9 +256,10 @@ def terminate_on_signals() -> None:
 
 
 @contextlib.contextmanager
-def cluster(num_hosts: int, subnet: str = DEFAULT_SUBNET) -> Iterator[Cluster]:
+def cluster(num_hosts: int, subnet: str = DEFAULT_SUBNET,
+            latency_ms: float = 0.0) -> Iterator[Cluster]:
     """A cluster for the ``with`` block, removed on exit, on Ctrl-C and on failure."""
-    made = create_cluster(num_hosts, subnet)
+    made = create_cluster(num_hosts, subnet, latency_ms)
     try:
         yield made
     finally:

@@ -74,6 +74,9 @@ def _summarize_rate(rate: dict) -> dict:
         if telemetry:
             entry["telemetry"] = {key: statistics.median(t[key] for t in telemetry)
                                   for key in ("compress_s", "communicate_s", "decode_s")}
+        gossip = [r["gossip"] for step in steps for r in step if "gossip" in r]
+        if gossip:  # a pure function of the model and compressor: the same on every step
+            entry["gossip"] = gossip[0]
         summary[name] = entry
     idle = [rank["idle_wire_bytes_per_s"] for job in rate["jobs"] for rank in job["ranks"]
             if uses_horovod(job["contenders"])]

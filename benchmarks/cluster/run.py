@@ -2,6 +2,7 @@
 
     python -m benchmarks.cluster.run            # the published run: docs/benchmarks.md and plots
     python -m benchmarks.cluster.run --quick    # 2 ranks, fewer contenders and steps: a few minutes
+    python -m benchmarks.cluster.run --suite decentralized   # gossip beside DoubleSqueeze (MPI)
 
 Builds N network-namespace hosts with shaped links, then for each link rate runs the contenders in
 alternating jobs (Horovod-based contenders in one job, PyTorch DDP ones in another: Horovod's
@@ -43,16 +44,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="2 ranks, 7 contenders, 1 Gbit/s and 100 Mbit/s, few steps")
+    parser.add_argument("--suite", choices=["exchanges", "decentralized"], default="exchanges",
+                        help="decentralized: D-PSGD, DeepSqueeze and CHOCO-SGD on a ring beside "
+                             "Horovod fp32 and DoubleSqueeze, under MPI, on 100 Mbit/s, 1 Gbit/s "
+                             "and 1 Gbit/s with 20 ms latency; writes docs/decentralized_cluster.md")
     parser.add_argument("--ranks", type=int, default=4, help="hosts, one rank each (2..8)")
-    parser.add_argument("--rates", default="100mbit,1gbit,10gbit",
-                        help="comma-separated link rates")
-    parser.add_argument("--controller", choices=launch.CONTROLLERS, default="gloo",
-                        help="Horovod's controller for the Horovod-based jobs")
+    parser.add_argument("--rates", default=None,
+                        help="comma-separated link rates, each with its own latency if written "
+                             "1gbit+20ms (default 100mbit,1gbit,10gbit)")
+    parser.add_argument("--controller", choices=launch.CONTROLLERS, default=None,
+                        help="Horovod's controller for the Horovod-based jobs (default gloo; "
+                             "mpi for the decentralized suite)")
     parser.add_argument("--horovod-cycle-time-ms", type=float, default=DEFAULT_CYCLE_TIME_MS,
                         help="HOROVOD_CYCLE_TIME for every Horovod-based contender (fp32, fp16 and "
                              "this project's): the pause between Horovod's negotiation rounds, each "
                              "of which sends bytes even when idle (Horovod's own default: 1 ms)")
-    parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way latency per link")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way latency of every link rate written without its own (+20ms)")
     parser.add_argument("--workload", default="resnet18",
                         choices=["resnet18", "mlp25m", "bert-base", "digits"])
     parser.add_argument("--contenders", default=None,
@@ -61,31 +68,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1, help="rounds over contenders per job")
     parser.add_argument("--steps", type=int, default=2, help="measured steps per round")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured first steps per job")
-    parser.add_argument("--epochs", type=int, default=5, help="convergence run (0: skip it)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="convergence run (0: skip it; default 5, 0 for the decentralized suite)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--job-timeout", type=float, default=1200.0, help="seconds per job")
     parser.add_argument("--output", type=pathlib.Path, default=None)
     parser.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
                         help="rewrite docs/benchmarks.md and plots (default: only without --quick)")
     args = parser.parse_args(argv)
+    decentralized = args.suite == "decentralized"
+    args.rates = args.rates or ("100mbit,1gbit,1gbit+20ms" if decentralized
+                                else "100mbit,1gbit,10gbit")
+    args.controller = args.controller or ("mpi" if decentralized else "gloo")
+    args.epochs = (0 if decentralized else 5) if args.epochs is None else args.epochs
     if not args.horovod_cycle_time_ms > 0:
         parser.error("--horovod-cycle-time-ms must be positive")
     if args.quick:
-        args.ranks, args.rates, args.repeats, args.rounds, args.steps = 2, "1gbit,100mbit", 1, 1, 2
+        args.ranks, args.repeats, args.rounds, args.steps = 2, 1, 1, 2
+        args.rates = "100mbit,1gbit+20ms" if decentralized else "1gbit,100mbit"
         args.epochs = min(args.epochs, 1)
     # The fragile contenders are probed in the default full run only.
-    args.probes = not args.quick and not args.contenders
+    args.probes = not args.quick and not args.contenders and not decentralized
     args.contenders = (args.contenders.split(",") if args.contenders
+                       else contenders.DECENTRALIZED if decentralized
                        else contenders.QUICK if args.quick else contenders.FULL)
     for name in args.contenders:
         if name not in contenders.CATALOG:
             parser.error(f"unknown contender {name!r}; choose from {list(contenders.CATALOG)}")
-    args.shapes = [shaping.LinkShape(shaping.parse_rate(rate), args.delay_ms)
-                   for rate in args.rates.split(",")]
+    gossip = contenders.needs_mpi(args.contenders)
+    if gossip and args.controller != "mpi":
+        parser.error(f"{', '.join(gossip)} exchange over MPI neighbour collectives: "
+                     f"use --controller mpi")
+    try:
+        args.shapes = [shaping.parse_shape(rate, args.delay_ms) for rate in args.rates.split(",")]
+    except ValueError as error:
+        parser.error(str(error))
     if args.output is None:
         suffix = "" if args.controller == "gloo" else f"_{args.controller}"
-        args.output = RESULTS / (f"cluster_quick{suffix}.json" if args.quick
-                                 else f"cluster_{args.workload}_{args.ranks}ranks{suffix}.json")
+        stem = "cluster_decentralized" if decentralized else "cluster"
+        args.output = RESULTS / (f"{stem}_quick{suffix}.json" if args.quick
+                                 else f"{stem}_{args.workload}_{args.ranks}ranks{suffix}.json")
     if args.docs is None:
         args.docs = not args.quick
     return args
@@ -98,11 +120,31 @@ def _groups(names: list[str]) -> list[list[str]]:
     return [["compute only"] + group for group in (horovod, torch_only) if group]
 
 
-class Runner:
-    """Runs jobs on one cluster, with a progress bar, recording failures instead of stopping."""
+def _clusters(args: argparse.Namespace):
+    """Each link shape with a cluster shaped to it: a new cluster whenever the latency changes
+    (the latency is a cluster's own; see :mod:`benchmarks.cluster.namespaces`)."""
+    made = None
+    try:
+        for shape in args.shapes:
+            if made is None or made.latency_ms != shape.delay_ms:
+                if made is not None:
+                    namespaces.remove_cluster(made)
+                made = None  # host names repeat: the old set goes before the new is made
+                made = namespaces.create_cluster(args.ranks, latency_ms=shape.delay_ms)
+            shaping.shape_cluster(made, shape)
+            yield shape, made
+    finally:
+        if made is not None:
+            namespaces.remove_cluster(made)
 
-    def __init__(self, made: namespaces.Cluster, args: argparse.Namespace):
-        self.made, self.args = made, args
+
+class Runner:
+    """Runs jobs on the current cluster (``made``), with a progress bar, recording failures
+    instead of stopping."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.made: namespaces.Cluster | None = None
         self.failures: list[dict] = []
 
     def job(self, job: dict, label: str) -> list[dict] | None:
@@ -174,21 +216,23 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     command = "python -m benchmarks.cluster.run " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    with namespaces.cluster(args.ranks) as made:
-        runner = Runner(made, args)
-        rates = []
-        for index, shape in enumerate(progress(args.shapes, desc="link rates")):
-            shaping.shape_cluster(made, shape)
-            # Probes may hang until the collective timeout: once, on the first link, is enough.
-            rates.append(runner.speed(shape, probes=index == 0 and args.probes))
-        # Bytes and accuracy do not depend on the link; the last (fastest) rate saves time.
-        convergence = runner.convergence() if args.epochs > 0 else None
+    runner = Runner(args)
+    rates, convergence = [], None
+    for index, (shape, made) in enumerate(progress(_clusters(args), total=len(args.shapes),
+                                                   desc="link rates")):
+        runner.made = made
+        # Probes may hang until the collective timeout: once, on the first link, is enough.
+        rates.append(runner.speed(shape, probes=index == 0 and args.probes))
+        if index == len(args.shapes) - 1 and args.epochs > 0:
+            # Bytes and accuracy do not depend on the link: the last one serves.
+            convergence = runner.convergence()
     results = {
         "command": command.strip(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "config": {"ranks": args.ranks, "workload": args.workload, "controller": args.controller,
+        "config": {"suite": args.suite, "ranks": args.ranks, "workload": args.workload,
+                   "controller": args.controller,
                    "horovod_cycle_time_ms": args.horovod_cycle_time_ms, "repeats": args.repeats,
                    "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                    "seed": args.seed, "delay_ms": args.delay_ms, "contenders": args.contenders},
@@ -203,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     print(report.text_table(results))
     print(f"results: {args.output} ({results['wall_s'] / 60:.1f} min)")
     if args.docs:
-        written = report.write_docs(results, args.output)
+        write = report.write_decentralized_docs if args.suite == "decentralized" \
+            else report.write_docs
+        written = write(results, args.output)
         print("docs:", ", ".join(str(path) for path in written))
     return 0
 
