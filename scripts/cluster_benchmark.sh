@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Gradient exchanges on a multi-host cluster built from network namespaces (needs root).
-# Writes benchmarks/results/cluster_*.json and, without --quick, docs/benchmarks.md and its plots.
-# Arguments go to benchmarks/cluster/run.py, e.g. scripts/cluster_benchmark.sh --quick
+# Writes benchmarks/results/cluster_*.json and, without --quick, docs/benchmarks.md and its plots
+# (with --suite decentralized: docs/decentralized_cluster.md). Arguments go to
+# benchmarks/cluster/run.py, e.g. scripts/cluster_benchmark.sh --quick
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ $EUID -ne 0 ]]; then

@@ -238,3 +238,83 @@ def test_digits_workload_loads_the_example():
     assert workload.test_set is not None and workload.steps_per_epoch > 0
     images, labels = workload.batch(0, rank=1)
     assert images.shape == (32, 1, 8, 8) and labels.shape == (32,)
+
+
+def test_shapes_parse_with_their_own_latency():
+    assert shaping.parse_shape("1gbit") == shaping.LinkShape(1000, 0.0)
+    assert shaping.parse_shape("1gbit", delay_ms=5) == shaping.LinkShape(1000, 5.0)
+    assert shaping.parse_shape("100mbit+20ms", delay_ms=5) == shaping.LinkShape(100, 20.0)
+    with pytest.raises(ValueError, match=r"\+20ms"):
+        shaping.parse_shape("1gbit+20")
+
+
+def test_a_cluster_with_latency_delays_every_packet_and_shapes_only_its_own_latency():
+    """A TCP round trip on a 20 ms cluster takes two one-way delays; bytes arrive intact."""
+    with namespaces.cluster(2, latency_ms=20) as made:
+        assert made.latency_ms == 20 and all(not host.switch_port for host in made.hosts)
+        with pytest.raises(ValueError, match="0 ms latency; this one has 20 ms"):
+            shaping.shape_cluster(made, shaping.LinkShape(rate_mbit=100))
+        shaping.shape_cluster(made, shaping.LinkShape(rate_mbit=100, delay_ms=20))
+        assert "tbf" in shaping.describe(made.hosts[0].namespace, made.hosts[0].iface)
+        server = made.require_member(made.hosts[0].address)
+        listener = subprocess.Popen(
+            ["ip", "netns", "exec", made.hosts[0].namespace, sys.executable, "-c",
+             textwrap.dedent(f"""
+                import socket
+                s = socket.create_server(("{server}", 5999)); s.settimeout(20)
+                c, _ = s.accept(); c.settimeout(20)
+                received = 0
+                while chunk := c.recv(1 << 20):
+                    if received == 0:
+                        c.sendall(b"y")  # answers the first byte: the client's round trip
+                    received += len(chunk)
+                print(received)""")], stdout=subprocess.PIPE, text=True)
+        try:
+            out = _exec(made.hosts[1].namespace, f"""
+                import socket, time
+                for _ in range(100):
+                    try:
+                        c = socket.create_connection(("{server}", 5999), timeout=5); break
+                    except ConnectionRefusedError:
+                        time.sleep(0.05)
+                start = time.perf_counter()
+                c.sendall(b"x"); c.recv(1)
+                print(time.perf_counter() - start)
+                c.sendall(b"x" * 999_999); c.close()""")
+            received = listener.communicate(timeout=30)[0]
+        finally:
+            listener.kill()
+            listener.wait()
+    assert 0.040 <= float(out) < 0.5
+    assert int(received) == 1_000_000
+
+
+def test_gossip_contenders_need_the_mpi_controller():
+    from benchmarks.cluster import run
+
+    args = run.parse_args(["--suite", "decentralized"])
+    assert args.controller == "mpi" and args.epochs == 0
+    assert [shape.delay_ms for shape in args.shapes] == [0.0, 0.0, 20.0]
+    assert "DeepSqueeze(ScaledSign) ring" in args.contenders
+    with pytest.raises(SystemExit):
+        run.parse_args(["--controller", "gloo", "--contenders", "D-PSGD ring"])
+
+
+def test_a_gossip_job_on_a_cluster_with_latency_counts_its_messages_on_the_wire():
+    """Two ranks under mpirun, DeepSqueeze on ResNet-18's shapes: one message to the one
+    neighbour per step, as the optimizer predicts, and the wire agrees."""
+    from benchmarks.cluster import launch
+
+    job = {"mode": "speed", "workload": "resnet18", "contenders": ["DeepSqueeze(ScaledSign) ring"],
+           "rounds": 1, "steps_per_round": 1, "warmup_steps": 1, "seed": 0, "lr": 0.01,
+           "momentum": 0.0, "batch_size": 32, "collective_timeout_s": 60}
+    with namespaces.cluster(2, latency_ms=5) as made:
+        shaping.shape_cluster(made, shaping.LinkShape(rate_mbit=1000, delay_ms=5))
+        ranks = launch.run_job(made, job, timeout_s=240, controller="mpi", cycle_time_ms=10)
+    # 11,689,512 signs in bytes, one float32 scale per tensor (62 of them), the finite flag.
+    message = (11_689_512 + 7) // 8 + 4 * 62 + 1
+    for rank in ranks:
+        step = next(step for step in rank["steps"] if not step["warmup"])
+        assert step["gossip"] == {"neighbors": 1, "message_nbytes": step["payload_sent"]}
+        assert step["payload_sent"] == message
+        assert step["payload_sent"] <= step["wire_sent"] < 1.05 * step["payload_sent"]

@@ -15,6 +15,10 @@ STEPS = 8
 
 
 def _train(algorithms, steps):
+    return _gossip_runs(algorithms, steps), _bad_gradients_on_rank_1(), _checkpoints()
+
+
+def _gossip_runs(algorithms, steps):
     """Each algorithm in turn: a small network on this rank's own data; what every step sent
     (the parameters after the local step) and what the gossip step made of them."""
     import horovod.torch as hvd
@@ -52,7 +56,7 @@ def _train(algorithms, steps):
         out.append({"sent": sent, "mixed": mixed, "nbytes": optimizer.bytes_sent_per_step,
                     "sizes": [p.numel() for p in model.parameters()],
                     "distance": optimizer.consensus_distance(), "norms": optimizer.state_norms()})
-    return out, _bad_gradients_on_rank_1(), _checkpoints()
+    return out
 
 
 def _checkpoints():
@@ -125,6 +129,19 @@ def _bad_gradients_on_rank_1():
     scaler.update()
     out["scaler"] = (optimizer.skipped_steps, model.weight.detach().reshape(-1).tolist(),
                      scaler.get_scale())
+
+    model, optimizer = build()
+    model.weight.grad = torch.ones(1, 3)   # stale and finite: the closure's must be checked
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(torch.ones(1, 3)).sum() * (float("nan") if hvd.rank() == 1 else 1.0)
+        loss.backward()                      # gradients 1 (NaN on rank 1)
+        return loss
+
+    loss = optimizer.step(closure)
+    out["closure"] = (optimizer.skipped_steps, model.weight.detach().reshape(-1).tolist(),
+                      float(loss))
     return out
 
 
@@ -135,13 +152,24 @@ def four_ranks():
 
 
 def test_every_rank_matches_the_reference_after_every_step(four_ranks):
-    results = [trained for trained, _, _ in four_ranks]
-    topology = T.ring(4)
-    for index, algorithm in enumerate(ALGORITHMS):
+    _check_against_the_reference([trained for trained, _, _ in four_ranks], ALGORITHMS, STEPS)
+
+
+def test_eight_ranks_match_the_reference_after_every_step():
+    algorithms = ALGORITHMS[1:]  # D-PSGD is DeepSqueeze's special case, checked on 4 ranks
+    results = run_on_ranks(_gossip_runs, 8, "mpi", args=(algorithms, 4), timeout=300)
+    _check_against_the_reference(results, algorithms, 4)
+
+
+def _check_against_the_reference(results, algorithms, steps):
+    """Every rank's model after every step of each algorithm against ``simulate_gossip`` on the
+    ring, fed what the ranks sent; then the telemetry."""
+    topology = T.ring(len(results))
+    for index, algorithm in enumerate(algorithms):
         runs = [rank_results[index] for rank_results in results]
         sizes = runs[0]["sizes"]
-        state = init_state(algorithm, sum(sizes), 4)
-        for step in range(STEPS):
+        state = init_state(algorithm, sum(sizes), topology.size)
+        for step in range(steps):
             expected, state = simulate_gossip(algorithm, topology.weights,
                                               [run["sent"][step] for run in runs], state,
                                               step=step, sizes=sizes)
@@ -194,7 +222,7 @@ def test_a_rank_built_differently_is_an_error_on_every_rank():
         run_on_ranks(_misconfigured, 4, "mpi", timeout=120)
 
 
-@pytest.mark.parametrize("case", ["plain", "scaler"])
+@pytest.mark.parametrize("case", ["plain", "scaler", "closure"])
 def test_bad_gradients_skip_that_ranks_local_step_and_it_still_gossips(four_ranks, case):
     results = [bad[case] for _, bad, _ in four_ranks]
     assert [result[0] for result in results] == [1 if rank == 1 else 0 for rank in range(4)]
@@ -206,6 +234,9 @@ def test_bad_gradients_skip_that_ranks_local_step_and_it_still_gossips(four_rank
         np.testing.assert_allclose(result[1], [expected] * 3, rtol=1e-6)
     if case == "scaler":  # the overflowing rank backs its scale off, as GradScaler does
         assert [result[2] for result in results] == [4.0, 2.0, 4.0, 4.0]
+    if case == "closure":  # step(closure) returns the closure's loss: 3 * rank before the step
+        losses = [result[2] for result in results]
+        assert losses[0] == 0.0 and np.isnan(losses[1]) and losses[2:] == [6.0, 9.0]
 
 
 def _under_gloo():
@@ -279,3 +310,13 @@ def test_keras_fit_gossips_like_the_reference():
     payload = algorithm.compressor.payload_nbytes(sum(sizes), tuple(sizes))
     assert all(run["nbytes"] == 2 * (1 + payload) for run in runs)
     assert all(run["restored_equal"] and run["restored_step"] == STEPS + 1 for run in runs)
+
+
+def test_lbfgs_is_refused_since_its_closure_is_evaluated_once():
+    import torch
+
+    import horovod_squeeze.torch as hst
+
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="LBFGS re-evaluates its closure"):
+        hst.DecentralizedOptimizer(torch.optim.LBFGS(model.parameters()), algorithm=hs.DPSGD())

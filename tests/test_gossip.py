@@ -139,7 +139,8 @@ def _run_both(algorithm, topology, steps, precision="float32", seed=0):
     return expected, [x.numpy() for x in got], states, reference_state
 
 
-@pytest.mark.parametrize("topology", [T.ring(4), T.exponential(5)], ids=repr)
+@pytest.mark.parametrize("topology", [T.ring(4), T.exponential(5), T.ring(8), T.torus(8)],
+                         ids=repr)
 @pytest.mark.parametrize("algorithm", ALGORITHMS, ids=repr)
 def test_every_rank_matches_the_reference_every_step(algorithm, topology):
     expected, got, states, reference_state = _run_both(algorithm, topology, steps=12)

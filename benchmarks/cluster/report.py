@@ -96,7 +96,8 @@ def _summarize_rate(rate: dict) -> dict:
                 if entry["exchange_s"] > 0 and baseline["exchange_s"] > 0 else None)
             entry["wire_reduction_vs_fp32"] = (baseline["wire_sent"]["median"]
                                                / max(entry["wire_sent"]["median"], 1))
-    return {"label": rate["label"], "rate_mbit": rate["rate_mbit"], "contenders": summary,
+    return {"label": rate["label"], "rate_mbit": rate["rate_mbit"],
+            "delay_ms": rate.get("delay_ms", 0.0), "contenders": summary,
             "horovod_idle_bytes_per_s": idle_rate or None}
 
 
@@ -259,7 +260,7 @@ def _other_run(results: dict, path: pathlib.Path) -> str:
              "sudo " + shell_command(results["command"]), "```", ""]
     if uses_horovod(config.get("contenders", [])):
         lines += [f"Horovod-based contenders ran with {cycle_time_text(config)}.", ""]
-    if config.get("controller") == "mpi":
+    if config.get("controller") == "mpi" and not config.get("mpi_yield_when_idle"):
         compute = ", ".join(
             f"{rate['contenders']['compute only']['step_s']['median']:.2f} s at {rate['label']}"
             for rate in results["summary"] if "compute only" in rate["contenders"])
@@ -358,8 +359,9 @@ def render_page(results: dict, results_path: pathlib.Path, plots: list[str]) -> 
         "",
         f"- **Cluster**: {config['ranks']} hosts, each a network namespace with its own address on "
         "a bridge (a switch namespace not connected to anything else), one rank per host. Each "
-        "host's link is shaped in both directions with `tc tbf` (and `netem` for latency: "
-        f"{config['delay_ms']:g} ms here). Ranks rendezvous over the hosts' addresses: Horovod "
+        "host's link is shaped in both directions with `tc tbf` (latency, where a run asks for "
+        "it, comes from a switch process that delays every packet, "
+        f"`benchmarks/cluster/delay_link.py`: {config['delay_ms']:g} ms here). Ranks rendezvous over the hosts' addresses: Horovod "
         f"({config.get('controller', 'gloo')} controller) through its own rendezvous, PyTorch "
         "through its TCP store on host 0.",
         f"- **Horovod settings**: every Horovod-based contender (fp32, fp16 and this project's) "

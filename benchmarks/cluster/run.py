@@ -25,7 +25,8 @@ import time
 
 from tqdm import tqdm
 
-from benchmarks.cluster import contenders, launch, namespaces, report, shaping
+from benchmarks.cluster import (contenders, decentralized_report, launch, namespaces, report,
+                                shaping)
 from horovod_squeeze.progress import progress
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version()},
         "config": {"suite": args.suite, "ranks": args.ranks, "workload": args.workload,
                    "controller": args.controller,
+                   "mpi_yield_when_idle": args.controller == "mpi",
                    "horovod_cycle_time_ms": args.horovod_cycle_time_ms, "repeats": args.repeats,
                    "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                    "seed": args.seed, "delay_ms": args.delay_ms, "contenders": args.contenders},
@@ -247,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.text_table(results))
     print(f"results: {args.output} ({results['wall_s'] / 60:.1f} min)")
     if args.docs:
-        write = report.write_decentralized_docs if args.suite == "decentralized" \
-            else report.write_docs
+        write = (decentralized_report.write_decentralized_docs if args.suite == "decentralized"
+                 else report.write_docs)
         written = write(results, args.output)
         print("docs:", ", ".join(str(path) for path in written))
     return 0

@@ -72,6 +72,10 @@ class _GossipOptimizer:
         if self._gossip_pending is not None:
             self._gossip_restore()
         loss = None
+        if closure is not None:
+            # It computes this step's gradients: evaluated first, so the check below sees them.
+            with torch.enable_grad():
+                loss = closure()
         # GradScaler's attributes are for this step, not the wrapped optimizer's (plain SGD
         # refuses them); GradScaler deletes them afterwards, so they are put back.
         amp = {name: self.__dict__.pop(name) for name in ("grad_scale", "found_inf")
@@ -81,7 +85,9 @@ class _GossipOptimizer:
         try:
             if finite:
                 self._gossip_unscale(amp.get("grad_scale"))
-                loss = super(self.__class__, self).step(closure)
+                # Optimizers that require a closure get one that returns the loss already
+                # computed, not a second forward and backward.
+                super(self.__class__, self).step(None if closure is None else lambda: loss)
         finally:
             self.__dict__.update(amp)
         if not finite:
@@ -231,6 +237,9 @@ def DecentralizedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=No
     ``state_norms()``, ``consensus_distance()``, ``skipped_steps``, ``absent_neighbors``.
     Checkpoints: ``state_dict()`` holds this rank's gossip state; each rank saves and loads its own.
 
+    ``step(closure)`` evaluates ``closure`` once, first (it computes this step's gradients), and
+    returns its loss; LBFGS, which re-evaluates its closure, is refused.
+
     A rank whose gradients are not finite skips its local step (``skipped_steps``, a logged
     warning) and still gossips (with ``torch.amp.GradScaler`` too: ``scaler.step(optimizer)``
     calls ``step()`` on every rank, and this rank's overflow skips only its local step); one whose model is not finite raises ``FloatingPointError`` after
@@ -248,6 +257,10 @@ def DecentralizedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=No
             algorithm=hs.DeepSqueeze(hs.ScaledSign(), consensus_step=0.2), topology="ring")
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     """
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError("DecentralizedOptimizer: LBFGS re-evaluates its closure at the points it "
+                         "tries, but a gossip step evaluates the closure once, to check this "
+                         "rank's gradients before the local step; use a first-order optimizer")
     comm = world(hvd.size()) if comm is None else comm
     if precision is None:
         precision = working_precision(str(p.dtype) for group in optimizer.param_groups
