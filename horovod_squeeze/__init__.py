@@ -6,9 +6,10 @@ reference (:mod:`horovod_squeeze.reference`) and the framework bindings all acce
 """
 from horovod_squeeze import topology
 from horovod_squeeze.algorithms import (
-    DORE, DPSGD, Algorithm, ChocoSGD, DeepSqueeze, DoubleQuantization, DoubleSqueeze, ErrorFeedback,
-    GossipAlgorithm, NoFeedback, ServerFeedback,
+    DORE, DPSGD, EF21, Algorithm, ChocoSGD, DeepSqueeze, DoubleQuantization, DoubleSqueeze,
+    ErrorFeedback, GossipAlgorithm, NoFeedback, ServerFeedback,
 )
+from horovod_squeeze.algorithms.eclk import ECLK
 from horovod_squeeze.exchange import Allgather, Allreduce, Exchange, Sharded
 from horovod_squeeze.compressors import (
     FP16, QSGD, Compressor, Contract, Identity, Natural, RandK, ScaledSign, Ternary,
@@ -19,7 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback", "ServerFeedback", "DORE",
-    "DoubleQuantization", "GossipAlgorithm", "DeepSqueeze", "ChocoSGD", "DPSGD", "topology",
+    "DoubleQuantization", "EF21", "ECLK", "GossipAlgorithm", "DeepSqueeze", "ChocoSGD", "DPSGD",
+    "topology",
     "Exchange", "Sharded", "Allgather", "Allreduce",
     "Compressor", "Contract", "FP16", "Identity", "Natural", "QSGD", "RandK", "ScaledSign",
     "Ternary", "ToContractive", "TopK",

@@ -268,7 +268,8 @@ class _Replicated(Exchange):
         sent = algorithm.worker_stage(codec, flat, {name: state[name] for name in worker_names},
                                       _stage(ctx, bucket, 0, PASS1, stream_rank, "", segments))
         pieces = yield from self.gather_pieces(codec, algorithm, bucket, sent.payload, ctx)
-        ctx_server = _stage(ctx, bucket, 0, PASS2, 0, "", segments)
+        # Nothing travels in pass 2: every rank serves itself.
+        ctx_server = _stage(ctx, bucket, 0, PASS2, 0, "", segments)._replace(travels=False)
         served = algorithm.server_stage(
             codec, pieces, {name: state[name] for name in algorithm.state_names(SERVER)},
             ctx_server)

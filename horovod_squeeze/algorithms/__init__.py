@@ -14,11 +14,12 @@ from horovod_squeeze.algorithms.dore import DORE
 from horovod_squeeze.algorithms.double_quantization import DoubleQuantization
 from horovod_squeeze.algorithms.double_squeeze import DoubleSqueeze
 from horovod_squeeze.algorithms.dpsgd import DPSGD
+from horovod_squeeze.algorithms.ef21 import EF21
 from horovod_squeeze.algorithms.error_feedback import ErrorFeedback
 from horovod_squeeze.algorithms.gossip import GossipAlgorithm
 from horovod_squeeze.algorithms.no_feedback import NoFeedback
 from horovod_squeeze.algorithms.server_feedback import ServerFeedback
 
-__all__ = ["Algorithm", "GossipAlgorithm", "DeepSqueeze", "ChocoSGD", "DPSGD", "DORE", "DoubleQuantization", "DoubleSqueeze", "ErrorFeedback", "NoFeedback",
+__all__ = ["Algorithm", "GossipAlgorithm", "DeepSqueeze", "ChocoSGD", "DPSGD", "DORE", "DoubleQuantization", "DoubleSqueeze", "EF21", "ErrorFeedback", "NoFeedback",
            "ServerFeedback", "StateSpec", "StageContext", "WorkerOut", "ServerOut", "compensate", "mean", "WORKER", "SERVER",
            "GRADIENT", "MODEL", "MOMENT", "AVERAGED_GRADIENT", "MODEL_INCREMENT"]

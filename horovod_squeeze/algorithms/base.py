@@ -72,6 +72,9 @@ class StageContext(NamedTuple):
     segments: tuple[int, ...] | None = None
     #: The dtype of the stage's tensors (``"float32"`` or ``"float64"``): what decoding gives back.
     precision: str = "float32"
+    #: Whether the stage's payload travels. A replicated server's does not (every rank runs it on
+    #: the same pieces), so an ``Identity`` there returns its input exactly, in ``precision``.
+    travels: bool = True
 
 
 class WorkerOut(NamedTuple):
@@ -102,8 +105,11 @@ def compensate(codec, compressor: Compressor, x: Tensor, residual: Tensor | None
     """Error feedback, one line of the papers: ``v = x + e;  c = C(v);  e = v - c``.
 
     Without a residual (``None``), ``v = x`` and the returned residual is what was lost.
+    ``Identity`` on a stage whose payload does not travel is exact (no payload).
     """
     corrected = x if residual is None else x + residual
+    if not ctx.travels and isinstance(compressor, Identity):
+        return Compensated(None, corrected, corrected - corrected)
     payload = codec.compress(compressor, corrected, nonce=ctx.nonce, name=ctx.name,
                              segments=ctx.segments)
     decoded = codec.decompress(compressor, payload, numel(x), name=ctx.name,

@@ -30,6 +30,7 @@ import numpy as np
 
 from horovod_squeeze import reference
 from horovod_squeeze.algorithms import MODEL_INCREMENT
+from horovod_squeeze.compressors import Identity
 from horovod_squeeze.exchange import PASS1, PASS2, shard_numel, stage_nonce
 
 __all__ = ["init_state", "simulate_step", "reference_module"]
@@ -89,7 +90,10 @@ def simulate_step(algorithm, exchange: str, gradients: list[np.ndarray], state: 
     if sum(sizes) != numel:
         raise ValueError(f"tensor sizes {sizes} do not add up to the bucket's {numel} entries")
 
-    def codec(compressor, nonce, segments):
+    def codec(compressor, nonce, segments, travels=True):
+        if not travels and isinstance(compressor, Identity):
+            return lambda v: v.astype(precision)  # a replicated server's pass 2 stays local
+
         def apply(v):
             payload = reference.compress(compressor, v, nonce=nonce, segments=segments)
             return reference.decompress(compressor, payload, v.size,
@@ -106,7 +110,8 @@ def simulate_step(algorithm, exchange: str, gradients: list[np.ndarray], state: 
             lambda i, v: codec(algorithm.worker,
                                stage_nonce(step, bucket, 0, PASS1, 0 if shared else i),
                                segments)(v),
-            codec(algorithm.server, stage_nonce(step, bucket, 0, PASS2, 0), segments))
+            codec(algorithm.server, stage_nonce(step, bucket, 0, PASS2, 0), segments,
+                  travels=False))
         return output, {"worker": new_workers, "server": {k: [v] for k, v in new_server.items()}}
 
     shard = shard_numel(numel, n)

@@ -1,0 +1,163 @@
+"""ECLK, error-compensated loopless Katyusha (Qian, Richtárik, Zhang, NeurIPS 2021), with a learned
+shift that makes it exact on heterogeneous data (the derivation: ``docs/algorithms.md``).
+
+n ranks minimize ``f = 1/n sum_t f_t``, each ``f_t`` L-smooth and ``f`` mu-strongly convex. Every
+rank holds the same ``x, y, z, w`` and its own error ``e_t``, shift ``h_t`` and ``grad f_t(w)``::
+
+    x   = theta1 z + theta2 w + (1 - theta1 - theta2) y
+    g_t = grad f_{t,i}(x) - grad f_{t,i}(w) + grad f_t(w)             # L-SVRG on each rank
+    u_t = C(eta/L (g_t - h_t) + e_t);   e_t = eta/L (g_t - h_t) + e_t - u_t     # uplink
+    q_t = Q(grad f_t(w) - h_t);         h_t = h_t + alpha q_t                    # shift (EF21)
+    u   = mean_t u_t + eta/L h;         h   = h + alpha mean_t q_t
+    z+  = (z + eta mu/L x - u) / (1 + eta mu/L)
+    y   = x + theta1 (z+ - z);          z   = z+
+    with probability p, one coin for all ranks:   w = y (before this step's update)
+
+The uplink is :class:`~horovod_squeeze.ErrorFeedback` over the allgather exchange and the shift is
+:class:`~horovod_squeeze.EF21` (fed ``grad f_t(w)``); this module holds the parameters, their
+rules and the three lines of acceleration that are neither. ``shift=None``: no shift, plain
+error-compensated L-Katyusha, which stalls where ``grad f_t(x*) != 0``.
+
+Parameters by L-Katyusha's theory (Kovalev, Horváth, Richtárik 2020), :meth:`ECLK.by_theory`:
+``p = 1/m`` for ``m`` samples per rank, ``theta1 = min(sqrt(2 mu / (3 p L)), 1/2)``,
+``theta2 = 1/2``, ``eta = theta2 / ((1 + theta2) theta1)``; ``L`` is the smoothness the stochastic
+estimator sees (one sample's, :meth:`FiniteSum.sample_smoothness`, for batches of one).
+
+Example::
+
+    import horovod_squeeze as hs
+    from horovod_squeeze import finite_sum
+
+    problem = finite_sum.breast_cancer(l2=1e-4)
+    hs.ECLK.by_theory(hs.TopK(0.1), L=problem.sample_smoothness(),
+                      mu=problem.strong_convexity(), samples=min(map(len, problem.shards)))
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from horovod_squeeze.algorithms.ef21 import EF21, shift_step_rule
+from horovod_squeeze.algorithms.error_feedback import ErrorFeedback
+from horovod_squeeze.compressors import Compressor
+from horovod_squeeze.streams import UNIFORM24_SCALE, hash32, stream_key
+
+__all__ = ["ECLK", "SAME"]
+
+#: ``shift=SAME``: the shift uses the uplink's compressor.
+SAME = "same"
+_COIN_SEED = 0xC0111
+
+
+def _number(owner: str, field: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ECLK:
+    """ECLK's compressors and parameters (see the module's docstring for the update).
+
+    Args:
+      compressor: ``C``, the uplink's, contractive.
+      L, mu: the smoothness the estimator sees and the strong convexity, ``0 < mu <= L``.
+      p: the snapshot's probability, in (0, 1].
+      theta1, theta2: the momentum weights: ``theta1, theta2 > 0``, ``theta1 + theta2 <= 1``.
+      eta: the step, in (0, theta2 / ((1 + theta2) theta1)] (L-Katyusha's bound).
+      shift: ``Q``, the shift's compressor (default: ``C``); ``None``: no shift.
+      alpha: the shift's step, in (0, 1] and at most ``1 / (omega + 1)`` for an unbiased ``Q``.
+      seed: the coin's stream (the same on every rank).
+    """
+
+    compressor: Compressor
+    L: float
+    mu: float
+    p: float
+    theta1: float
+    theta2: float
+    eta: float
+    shift: Compressor | str | None = SAME
+    alpha: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        name = "ECLK"
+        if not isinstance(self.compressor, Compressor):
+            raise TypeError(f"{name}: compressor must be a compressor spec such as "
+                            f"horovod_squeeze.TopK(0.1), got {self.compressor!r}")
+        if self.shift == SAME:
+            object.__setattr__(self, "shift", self.compressor)
+        if self.shift is not None and not isinstance(self.shift, Compressor):
+            raise TypeError(f"{name}: shift must be a compressor spec or None, got {self.shift!r}")
+        L, mu = _number(name, "L", self.L), _number(name, "mu", self.mu)
+        if not 0 < mu <= L:
+            raise ValueError(f"{name}: need 0 < mu <= L (strong convexity at most the "
+                             f"smoothness), got mu = {mu!r}, L = {L!r}")
+        p = _number(name, "p", self.p)
+        if not 0 < p <= 1:
+            raise ValueError(f"{name}: the snapshot probability p must be in (0, 1], got {p!r}")
+        theta1, theta2 = _number(name, "theta1", self.theta1), _number(name, "theta2", self.theta2)
+        if not (theta1 > 0 and theta2 > 0 and theta1 + theta2 <= 1):
+            raise ValueError(f"{name}: need theta1, theta2 > 0 and theta1 + theta2 <= 1 (x is a "
+                             f"convex combination of z, w and y), got {theta1!r}, {theta2!r}")
+        eta, bound = _number(name, "eta", self.eta), theta2 / ((1 + theta2) * theta1)
+        if not 0 < eta <= bound * (1 + 1e-12):
+            raise ValueError(f"{name}: the step eta must be in (0, theta2 / ((1 + theta2) "
+                             f"theta1)] = (0, {bound:.6g}] for L-Katyusha's guarantee, got {eta!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"{name}: seed must be an integer, got {self.seed!r}")
+
+    @classmethod
+    def by_theory(cls, compressor: Compressor, *, L: float, mu: float, samples: int,
+                  **options) -> "ECLK":
+        """The parameters L-Katyusha's theory gives for ``samples`` per rank (see above)."""
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"ECLK: samples must be a positive integer, got {samples!r}")
+        p = 1.0 / samples
+        theta1 = min(math.sqrt(2 * _number("ECLK", "mu", mu)
+                               / (3 * p * _number("ECLK", "L", L))), 0.5)
+        return cls(compressor, L=L, mu=mu, p=p, theta1=theta1, theta2=0.5,
+                   eta=0.5 / (1.5 * theta1), **options)
+
+    def check(self, numel: int) -> None:
+        """Refuses compressors the guarantee does not cover, for a model of ``numel`` entries."""
+        contract = self.compressor.contract(max(numel, 1))
+        if contract.kind != "contractive":
+            raise ValueError(f"ECLK: the uplink's error feedback needs a contractive compressor "
+                             f"(||C(v) - v||^2 <= (1 - delta) ||v||^2); {self.compressor!r} is "
+                             f"unbiased with omega = {contract.omega:.4g}: use "
+                             f"ToContractive({self.compressor!r})")
+        if self.shift is not None:
+            shift_step_rule(self, self.shift, self.alpha, numel)
+
+    # --- what runs ------------------------------------------------------------------------------
+
+    @property
+    def step_scale(self) -> float:
+        """``eta / L``, what the estimator and the shift are multiplied by before the uplink."""
+        return self.eta / self.L
+
+    def uplink(self) -> ErrorFeedback:
+        return ErrorFeedback(self.compressor)
+
+    def shift_learning(self) -> EF21 | None:
+        return None if self.shift is None else EF21(self.shift, alpha=self.alpha)
+
+    def point(self, y, z, w):
+        """``x = theta1 z + theta2 w + (1 - theta1 - theta2) y``."""
+        return z * self.theta1 + w * self.theta2 + y * (1 - self.theta1 - self.theta2)
+
+    def mirror_step(self, z, x, u):
+        """``z+ = (z + eta mu / L x - u) / (1 + eta mu / L)``."""
+        ratio = self.eta * self.mu / self.L
+        return (z + x * ratio - u) / (1 + ratio)
+
+    def output(self, x, z_next, z):
+        """``y = x + theta1 (z+ - z)``."""
+        return x + (z_next - z) * self.theta1
+
+    def snapshot(self, step: int) -> bool:
+        """The coin of ``step``, the same on every rank."""
+        draw = hash32(stream_key(self.seed ^ _COIN_SEED, step)) // 256
+        return draw * UNIFORM24_SCALE < self.p
