@@ -10,6 +10,7 @@ from horovod_squeeze.algorithms import (
     ErrorFeedback, GossipAlgorithm, NoFeedback, ServerFeedback,
 )
 from horovod_squeeze.algorithms.eclk import ECLK
+from horovod_squeeze.algorithms.ecsgd import ECSGD
 from horovod_squeeze.exchange import Allgather, Allreduce, Exchange, Sharded
 from horovod_squeeze.compressors import (
     FP16, QSGD, Compressor, Contract, Identity, Natural, RandK, ScaledSign, Ternary,
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Algorithm", "DoubleSqueeze", "ErrorFeedback", "NoFeedback", "ServerFeedback", "DORE",
-    "DoubleQuantization", "EF21", "ECLK", "GossipAlgorithm", "DeepSqueeze", "ChocoSGD", "DPSGD",
+    "DoubleQuantization", "EF21", "ECLK", "ECSGD", "GossipAlgorithm", "DeepSqueeze", "ChocoSGD", "DPSGD",
     "topology",
     "Exchange", "Sharded", "Allgather", "Allreduce",
     "Compressor", "Contract", "FP16", "Identity", "Natural", "QSGD", "RandK", "ScaledSign",

@@ -1,6 +1,7 @@
-"""``hst.ECLKOptimizer`` against ECLK's NumPy reference, step for step, on 2 and 4 in-process
-ranks (float64, deterministic compressors, within 1e-9); EF21 against its reference through the
-engine; the parameter rules."""
+"""``hst.FiniteSumOptimizer`` against the NumPy references of ECLK and of EC-SGD, EC-GD, EC-LSVRG
+and their DIANA forms, step for step, on 2 and 4 in-process ranks and under horovodrun (float64,
+deterministic compressors, within 1e-9); EF21 against its reference through the engine; the
+parameter rules."""
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,7 @@ import horovod_squeeze as hs
 import horovod_squeeze.torch as hst
 from horovod_squeeze import finite_sum as fs
 from horovod_squeeze.fake import FakeWorld
-from horovod_squeeze.reference import codecs, eclk
+from horovod_squeeze.reference import codecs, eclk, ecsgd
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +41,7 @@ def _compare(problem, algorithm, steps, batch=2):
 
     def body(comm):
         x = torch.nn.Parameter(torch.from_numpy(x0.copy()))
-        optimizer = hst.ECLKOptimizer([x], algorithm, collectives=comm)
+        optimizer = hst.FiniteSumOptimizer([x], algorithm, collectives=comm)
         path = []
         for k in range(steps):
             rows = eclk.samples(algorithm.seed, k, comm.rank, problem.rows(comm.rank), batch)
@@ -87,6 +88,41 @@ def test_least_squares_split_by_a_feature_follows_the_reference():
     _compare(problem, algorithm, steps=30, batch=3)
 
 
+@pytest.mark.parametrize("ranks, estimator, shift", [
+    (2, "sgd", False), (2, "gd", False), (2, "lsvrg", False), (2, "gd", True),
+    (4, "lsvrg", True), (4, "sgd", True)])
+def test_ec_baselines_follow_their_reference_every_step(ranks, estimator, shift):
+    problem = fs.breast_cancer(ranks=ranks, l2=1e-3)
+    method = hs.ECSGD(hs.TopK(0.1), gamma=0.5, estimator=estimator,
+                      shift=hs.TopK(0.2) if shift else None, p=0.2, seed=3)
+    assert method.name == f"EC-{estimator.upper()}" + ("-DIANA" if shift else "")
+    x0, steps = np.linspace(-0.5, 0.5, problem.dim), 30
+
+    def body(comm):
+        x = torch.nn.Parameter(torch.from_numpy(x0.copy()))
+        optimizer = hst.FiniteSumOptimizer([x], method, collectives=comm)
+        path = []
+        for k in range(steps):
+            rows = eclk.samples(method.seed, k, comm.rank, problem.rows(comm.rank), 2)
+            optimizer.step(lambda: _torch_loss(problem, comm.rank, x, rows),
+                           lambda: _torch_loss(problem, comm.rank, x))
+            path.append(x.detach().numpy().copy())
+        return path, optimizer.snapshots
+
+    runs = FakeWorld(ranks, timeout=120).run(body)
+    state = ecsgd.init_state(problem, x0)
+    for k in range(steps):
+        state = ecsgd.step(problem, state, k, estimator=estimator,
+                           compress=_decoded(method.compressor),
+                           shift=_decoded(method.shift) if shift else None, alpha=1.0,
+                           gamma=0.5, p=0.2, batch=2, seed=3)
+        for rank, (path, _) in enumerate(runs):
+            np.testing.assert_allclose(path[k], state["x"], rtol=0, atol=1e-9,
+                                       err_msg=f"step {k} rank {rank}")
+    snapshots = sum(eclk.coin(3, k, 0.2) for k in range(steps)) if estimator == "lsvrg" else 0
+    assert all(run[1] == snapshots for run in runs)
+
+
 def test_ef21_on_the_engine_matches_its_reference():
     from tests.test_algorithms import run_engine
     from horovod_squeeze.reference.simulate import init_state, simulate_step
@@ -127,6 +163,10 @@ def test_ef21_on_the_engine_matches_its_reference():
     (lambda: hs.ECLK.by_theory(hs.TopK(0.1), L=1.0, mu=0.1, samples=10, shift=hs.QSGD(2),
                                alpha=1.0).check(100), "alpha must be <= 1 / \\(omega \\+ 1\\)"),
     (lambda: hs.EF21(hs.TopK(0.1), alpha=1.5).check(10), "alpha must be in \\(0, 1\\]"),
+    (lambda: hs.ECSGD(hs.TopK(0.1), gamma=0.0), "gamma must be positive"),
+    (lambda: hs.ECSGD(hs.TopK(0.1), gamma=0.1, estimator="saga"), "estimator must be one of"),
+    (lambda: hs.ECSGD(hs.TopK(0.1), gamma=0.1, p=1.5), "p must be in \\(0, 1\\]"),
+    (lambda: hs.ECSGD(hs.QSGD(2), gamma=0.1).check(100), "needs a contractive compressor"),
 ])
 def test_impossible_parameters_name_the_rule(make, message):
     with pytest.raises(ValueError, match=message):
@@ -136,7 +176,7 @@ def test_impossible_parameters_name_the_rule(make, message):
 def test_a_step_needs_both_closures():
     x = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     algorithm = hs.ECLK.by_theory(hs.TopK(0.5), L=1.0, mu=0.1, samples=4)
-    optimizer = FakeWorld(1).run(lambda comm: hst.ECLKOptimizer([x], algorithm,
+    optimizer = FakeWorld(1).run(lambda comm: hst.FiniteSumOptimizer([x], algorithm,
                                                                 collectives=comm))[0]
     with pytest.raises(TypeError, match="full_closure"):
         optimizer.step(lambda: (x ** 2).sum())
@@ -150,7 +190,7 @@ def _on_horovod(steps):
     algorithm = hs.ECLK.by_theory(hs.TopK(0.1), L=problem.sample_smoothness(),
                                   mu=problem.strong_convexity(), samples=5)
     x = torch.nn.Parameter(torch.from_numpy(np.linspace(-0.5, 0.5, problem.dim)))
-    optimizer = hst.ECLKOptimizer([x], algorithm)
+    optimizer = hst.FiniteSumOptimizer([x], algorithm)
     path = []
     for k in range(steps):
         rows = eclk.samples(algorithm.seed, k, hvd.rank(), problem.rows(hvd.rank()), 2)

@@ -42,17 +42,36 @@ from horovod_squeeze.algorithms.error_feedback import ErrorFeedback
 from horovod_squeeze.compressors import Compressor
 from horovod_squeeze.streams import UNIFORM24_SCALE, hash32, stream_key
 
-__all__ = ["ECLK", "SAME"]
+__all__ = ["ECLK", "SAME", "check_compressors", "coin_of", "finite_number"]
 
 #: ``shift=SAME``: the shift uses the uplink's compressor.
 SAME = "same"
 _COIN_SEED = 0xC0111
 
 
-def _number(owner: str, field: str, value) -> float:
+def finite_number(owner: str, field: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{owner}: {field} must be a finite number, got {value!r}")
     return float(value)
+
+
+def coin_of(seed: int, step: int, p: float) -> bool:
+    """The snapshot coin of ``step``: the same on every rank (one stream per ``seed``)."""
+    draw = hash32(stream_key(seed ^ _COIN_SEED, step)) // 256
+    return draw * UNIFORM24_SCALE < p
+
+
+def check_compressors(method, numel: int) -> None:
+    """The rules on a finite-sum method's compressors, for a model of ``numel`` entries: a
+    contractive uplink (its error feedback) and a converging shift step."""
+    contract = method.compressor.contract(max(numel, 1))
+    if contract.kind != "contractive":
+        raise ValueError(f"{type(method).__name__}: the uplink's error feedback needs a "
+                         f"contractive compressor (||C(v) - v||^2 <= (1 - delta) ||v||^2); "
+                         f"{method.compressor!r} is unbiased with omega = {contract.omega:.4g}: "
+                         f"use ToContractive({method.compressor!r})")
+    if method.shift is not None:
+        shift_step_rule(method, method.shift, method.alpha, numel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,18 +109,19 @@ class ECLK:
             object.__setattr__(self, "shift", self.compressor)
         if self.shift is not None and not isinstance(self.shift, Compressor):
             raise TypeError(f"{name}: shift must be a compressor spec or None, got {self.shift!r}")
-        L, mu = _number(name, "L", self.L), _number(name, "mu", self.mu)
+        L, mu = finite_number(name, "L", self.L), finite_number(name, "mu", self.mu)
         if not 0 < mu <= L:
             raise ValueError(f"{name}: need 0 < mu <= L (strong convexity at most the "
                              f"smoothness), got mu = {mu!r}, L = {L!r}")
-        p = _number(name, "p", self.p)
+        p = finite_number(name, "p", self.p)
         if not 0 < p <= 1:
             raise ValueError(f"{name}: the snapshot probability p must be in (0, 1], got {p!r}")
-        theta1, theta2 = _number(name, "theta1", self.theta1), _number(name, "theta2", self.theta2)
+        theta1 = finite_number(name, "theta1", self.theta1)
+        theta2 = finite_number(name, "theta2", self.theta2)
         if not (theta1 > 0 and theta2 > 0 and theta1 + theta2 <= 1):
             raise ValueError(f"{name}: need theta1, theta2 > 0 and theta1 + theta2 <= 1 (x is a "
                              f"convex combination of z, w and y), got {theta1!r}, {theta2!r}")
-        eta, bound = _number(name, "eta", self.eta), theta2 / ((1 + theta2) * theta1)
+        eta, bound = finite_number(name, "eta", self.eta), theta2 / ((1 + theta2) * theta1)
         if not 0 < eta <= bound * (1 + 1e-12):
             raise ValueError(f"{name}: the step eta must be in (0, theta2 / ((1 + theta2) "
                              f"theta1)] = (0, {bound:.6g}] for L-Katyusha's guarantee, got {eta!r}")
@@ -115,28 +135,42 @@ class ECLK:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"ECLK: samples must be a positive integer, got {samples!r}")
         p = 1.0 / samples
-        theta1 = min(math.sqrt(2 * _number("ECLK", "mu", mu)
-                               / (3 * p * _number("ECLK", "L", L))), 0.5)
+        theta1 = min(math.sqrt(2 * finite_number("ECLK", "mu", mu)
+                               / (3 * p * finite_number("ECLK", "L", L))), 0.5)
         return cls(compressor, L=L, mu=mu, p=p, theta1=theta1, theta2=0.5,
                    eta=0.5 / (1.5 * theta1), **options)
 
     def check(self, numel: int) -> None:
         """Refuses compressors the guarantee does not cover, for a model of ``numel`` entries."""
-        contract = self.compressor.contract(max(numel, 1))
-        if contract.kind != "contractive":
-            raise ValueError(f"ECLK: the uplink's error feedback needs a contractive compressor "
-                             f"(||C(v) - v||^2 <= (1 - delta) ||v||^2); {self.compressor!r} is "
-                             f"unbiased with omega = {contract.omega:.4g}: use "
-                             f"ToContractive({self.compressor!r})")
-        if self.shift is not None:
-            shift_step_rule(self, self.shift, self.alpha, numel)
+        check_compressors(self, numel)
 
-    # --- what runs ------------------------------------------------------------------------------
+    # --- what runs (the protocol of horovod_squeeze.torch.FiniteSumOptimizer) ----------------
+
+    #: The estimator is L-SVRG's: gradients at the snapshot ``w`` too.
+    needs_snapshot = True
 
     @property
     def step_scale(self) -> float:
         """``eta / L``, what the estimator and the shift are multiplied by before the uplink."""
         return self.eta / self.L
+
+    def start(self, x0) -> dict:
+        return {"y": x0, "z": x0, "w": x0}
+
+    def query(self, v: dict):
+        """Where the gradients are taken: ``x``."""
+        return self.point(v["y"], v["z"], v["w"])
+
+    def shift_target(self, estimator, grad_at_w):
+        """What the shift learns: the snapshot's full local gradient."""
+        return grad_at_w
+
+    def advance(self, v: dict, x, update) -> dict:
+        z_next = self.mirror_step(v["z"], x, update)
+        return {**v, "y": self.output(x, z_next, v["z"]), "z": z_next}
+
+    def snapshot_point(self, v_before: dict):
+        return v_before["y"]
 
     def uplink(self) -> ErrorFeedback:
         return ErrorFeedback(self.compressor)
@@ -159,5 +193,8 @@ class ECLK:
 
     def snapshot(self, step: int) -> bool:
         """The coin of ``step``, the same on every rank."""
-        draw = hash32(stream_key(self.seed ^ _COIN_SEED, step)) // 256
-        return draw * UNIFORM24_SCALE < self.p
+        return coin_of(self.seed, step, self.p)
+
+    def current(self, v: dict):
+        """What the parameters hold between steps: ``y``."""
+        return v["y"]

@@ -1,0 +1,66 @@
+"""EC-SGD, EC-GD, EC-LSVRG and their DIANA forms in NumPy, from their equations (Gorbunov,
+Kovalev, Makarenko, Richtárik, NeurIPS 2020, "Linearly converging error compensated SGD").
+
+n nodes minimize ``f = 1/n sum_t f_t`` (:class:`horovod_squeeze.finite_sum.FiniteSum`); every node
+holds the same ``x`` (and ``w`` for L-SVRG) and its own error ``e_t`` and shift ``h_t``. Step k:
+
+    g_t = grad f_{t,i}(x)                                        (sgd: i sampled per node)
+        | grad f_t(x)                                            (gd)
+        | grad f_{t,i}(x) - grad f_{t,i}(w) + grad f_t(w)        (lsvrg)
+    u_t = C(gamma (g_t - h_t) + e_t);   e_t = gamma (g_t - h_t) + e_t - u_t
+    q_t = Q(g_t - h_t);                 h_t = h_t + alpha q_t    (DIANA; h_t = 0 without a shift)
+    x   = x - (mean_t u_t + gamma h);   h   = h + alpha mean_t q_t
+    lsvrg, with probability p (one coin for all nodes): w = x (before this step's update)
+
+Samples and coin: :func:`horovod_squeeze.reference.eclk.samples` and ``coin``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from horovod_squeeze.reference.eclk import coin, samples
+
+__all__ = ["init_state", "step"]
+
+
+def init_state(problem, x0: np.ndarray) -> dict:
+    n = problem.ranks
+    x0 = np.asarray(x0, np.float64)
+    return {"x": x0.copy(), "w": x0.copy(),
+            "grad_at_w": [problem.local_gradient(t, x0) for t in range(n)],
+            "error": [np.zeros_like(x0) for _ in range(n)],
+            "shift": [np.zeros_like(x0) for _ in range(n)], "mean_shift": np.zeros_like(x0)}
+
+
+def step(problem, state: dict, k: int, *, estimator: str, compress, shift, alpha: float,
+         gamma: float, p: float, batch: int, seed: int) -> dict:
+    """One step; returns the new state. ``compress(t, v)`` and ``shift(t, v)`` are node ``t``'s
+    compressors (decoded values), ``shift=None`` for no shift."""
+    n, x, w = problem.ranks, state["x"], state["w"]
+    sent, errors, shifts, shift_messages = [], [], [], []
+    for t in range(n):
+        if estimator == "gd":
+            g = problem.local_gradient(t, x)
+        else:
+            rows = samples(seed, k, t, problem.rows(t), batch)
+            g = problem.local_gradient(t, x, rows)
+            if estimator == "lsvrg":
+                g = g - problem.local_gradient(t, w, rows) + state["grad_at_w"][t]
+        v = gamma * (g - state["shift"][t]) + state["error"][t]
+        u = compress(t, v)
+        sent.append(u)
+        errors.append(v - u)
+        if shift is None:
+            shifts.append(state["shift"][t])
+            shift_messages.append(np.zeros_like(x))
+        else:
+            q = shift(t, g - state["shift"][t])
+            shifts.append(state["shift"][t] + alpha * q)
+            shift_messages.append(q)
+    x_next = x - (np.mean(sent, axis=0) + gamma * state["mean_shift"])
+    w_next, grad_at_w = w, state["grad_at_w"]
+    if estimator == "lsvrg" and coin(seed, k, p):
+        w_next = x
+        grad_at_w = [problem.local_gradient(t, x) for t in range(n)]
+    return {"x": x_next, "w": w_next, "grad_at_w": grad_at_w, "error": errors, "shift": shifts,
+            "mean_shift": state["mean_shift"] + alpha * np.mean(shift_messages, axis=0)}

@@ -1,0 +1,157 @@
+"""``FiniteSumOptimizer``: error-compensated methods for finite sums over Horovod (ECLK, and EC-SGD,
+EC-GD, EC-LSVRG with or without DIANA's shift).
+
+A step evaluates this rank's stochastic closure at the method's query point (and, for L-SVRG
+estimators, at the snapshot ``w`` with the same samples: the closure decides which, and must pick
+the same ones both times), compresses ``scale * (g - h)`` with error feedback and averages the
+ranks' payloads over an allgather (:class:`~horovod_squeeze.ErrorFeedback` through
+:class:`~horovod_squeeze.torch.engine.SqueezeEngine`), moves the shift by EF21, and lets the
+method advance its sequences (:class:`horovod_squeeze.ECLK`, :class:`horovod_squeeze.ECSGD`: the
+math lives there, framework-neutral). The full closure runs at the start and whenever the shared
+coin moves the snapshot (every step for ``"gd"``).
+"""
+from __future__ import annotations
+
+import torch
+
+from horovod_squeeze.algorithms.eclk import ECLK
+from horovod_squeeze.algorithms.ecsgd import ECSGD
+from horovod_squeeze.plan import working_precision
+from horovod_squeeze.torch.engine import SqueezeEngine
+
+__all__ = ["FiniteSumOptimizer"]
+
+_UPLINK, _SHIFT = "finite_sum.uplink", "finite_sum.shift"
+
+
+class FiniteSumOptimizer(torch.optim.Optimizer):
+    """An error-compensated finite-sum ``method`` on ``params``: ``step(closure, full_closure)``.
+
+    Args:
+      params: the model's parameters (float32 or float64; float64 keeps every state in float64).
+      method: :class:`~horovod_squeeze.ECLK` (``ECLK.by_theory(...)``) or
+        :class:`~horovod_squeeze.ECSGD`.
+      collectives: Horovod's (default, after ``hvd.init()``) or :mod:`horovod_squeeze.fake`'s.
+
+    ``step(closure, full_closure)``: ``closure()`` returns the loss of this round's samples,
+    ``full_closure()`` that of all of this rank's data (needed unless the method is EC-SGD); both
+    compute it from the parameters as they are when called, and the optimizer runs backward.
+    Returns the loss of ``closure`` (of ``full_closure`` for ``"gd"``) at the query point. Between
+    steps the parameters hold the method's output (ECLK's ``y``, the others' ``x``). Telemetry:
+    ``snapshots`` (how many times ``w`` moved), ``bytes_sent`` (payload bytes this rank sent).
+
+    Example::
+
+        import horovod.torch as hvd
+        import horovod_squeeze as hs
+        import horovod_squeeze.torch as hst
+
+        hvd.init()
+        optimizer = hst.FiniteSumOptimizer(model.parameters(), hs.ECLK.by_theory(
+            hs.TopK(0.1), L=L, mu=mu, samples=len(my_rows)))
+        for step in range(steps):
+            batch = sample(step)
+            optimizer.step(lambda: loss(model, batch), lambda: loss(model, my_rows))
+    """
+
+    def __init__(self, params, method, *, collectives=None):
+        if not isinstance(method, (ECLK, ECSGD)):
+            raise TypeError(f"FiniteSumOptimizer: method must be horovod_squeeze.ECLK(...) or "
+                            f"ECSGD(...), got {method!r}")
+        super().__init__(params, {})
+        self._params = [p for group in self.param_groups for p in group["params"]]
+        if not self._params:
+            raise ValueError("FiniteSumOptimizer: no parameters")
+        numel = sum(p.numel() for p in self._params)
+        method.check(numel)
+        self.method = method
+        precision = working_precision(str(p.dtype) for p in self._params)
+        self._dtype = getattr(torch, precision)
+        if collectives is None:
+            from horovod_squeeze.torch.collectives import HorovodCollectives
+
+            collectives = HorovodCollectives()
+        options = {"collectives": collectives, "device": self._params[0].device,
+                   "exchange": "allgather", "min_compress_numel": 0, "precision": precision}
+        self._uplink = SqueezeEngine(method.uplink(), [(_UPLINK, (numel,))], **options)
+        shift = method.shift_learning()
+        self._shift = None if shift is None else SqueezeEngine(shift, [(_SHIFT, (numel,))],
+                                                               **options)
+        self._round = 0
+        self._sequences: dict | None = None  # the method's (x or y, z, w)
+        self._grad_at_w: torch.Tensor | None = None
+        self._mean_shift: torch.Tensor | None = None  # h, the mean of the ranks' shifts
+        self.snapshots = 0
+        self.bytes_sent = 0
+
+    # --- the flat model ---------------------------------------------------------------------
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).to(self._dtype) for p in self._params])
+
+    def _load(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            start = 0
+            for p in self._params:
+                p.copy_(flat[start:start + p.numel()].reshape(p.shape))
+                start += p.numel()
+
+    def _gradient_at(self, point: torch.Tensor, closure):
+        """``closure``'s loss and gradient with the parameters set to ``point``."""
+        self._load(point)
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+            loss.backward()
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
+                          .reshape(-1).to(self._dtype) for p in self._params])
+        return loss.detach(), grad
+
+    def _shift_estimate(self, like: torch.Tensor) -> torch.Tensor:
+        """``h_t``, this rank's shift (zero without one)."""
+        if self._shift is None:
+            return torch.zeros_like(like)
+        return self._shift.state[0]["worker_estimate"]
+
+    # --- the step -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None, full_closure=None):
+        method = self.method
+        needs_full = method.needs_snapshot or getattr(method, "estimator", None) == "gd"
+        if closure is None or (needs_full and full_closure is None):
+            raise TypeError(f"FiniteSumOptimizer.step: {type(method).__name__} needs closure "
+                            "(this round's samples)"
+                            + (" and full_closure (all of this rank's data)" if needs_full else ""))
+        if self._sequences is None:
+            start = self._flat()
+            self._sequences = method.start(start)
+            self._mean_shift = torch.zeros_like(start)
+            if method.needs_snapshot:
+                _, self._grad_at_w = self._gradient_at(start, full_closure)
+        v = self._sequences
+        x = method.query(v)
+        if getattr(method, "estimator", None) == "gd":
+            loss, estimator = self._gradient_at(x, full_closure)
+        else:
+            loss, estimator = self._gradient_at(x, closure)
+        if method.needs_snapshot:
+            _, at_w = self._gradient_at(v["w"], closure)
+            estimator = estimator - at_w + self._grad_at_w
+        self._uplink.submit(_UPLINK, (estimator - self._shift_estimate(estimator))
+                            * method.step_scale)
+        update = self._uplink.result(_UPLINK) + self._mean_shift * method.step_scale
+        self.bytes_sent += self._uplink.last_stats.bytes.sent
+        if self._shift is not None:
+            self._shift.submit(_SHIFT, method.shift_target(estimator, self._grad_at_w))
+            self._mean_shift = self._shift.result(_SHIFT)
+            self.bytes_sent += self._shift.last_stats.bytes.sent
+        advanced = method.advance(v, x, update)
+        if method.snapshot(self._round):
+            advanced["w"] = method.snapshot_point(v)
+            _, self._grad_at_w = self._gradient_at(advanced["w"], full_closure)
+            self.snapshots += 1
+        self._sequences = advanced
+        self._load(method.current(advanced))
+        self._round += 1
+        return loss
