@@ -17,36 +17,22 @@ holds the same ``x, y, z, w`` (they change only through averaged messages) and i
 convergence is linear to the exact optimum even when the nodes' data differ. Without a shift
 compressor (``shift=None``) ``h_t = 0``: plain error-compensated L-Katyusha.
 
-Random draws: node ``t`` at step ``k`` samples rows ``hash32(j ^ stream_key(seed, k * 65536 +
-t)) mod m_t`` for ``j < batch``; the coin is ``uniform24(stream_key(seed ^ 0xC0111, k)) < p``.
+Random draws and the uplink round: :mod:`horovod_squeeze.reference.compensated_uplink`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from horovod_squeeze.streams import UNIFORM24_SCALE, hash32, stream_key
+from horovod_squeeze.reference.compensated_uplink import coin, samples, uplink_round, zero_state
 
 __all__ = ["init_state", "step", "samples", "coin"]
 
-_COIN_SEED = 0xC0111
-
-
-def samples(seed: int, step: int, rank: int, rows: int, batch: int) -> np.ndarray:
-    key = stream_key(seed, step * 65536 + rank)
-    return hash32(np.arange(batch, dtype=np.int64) ^ key) % rows
-
-
-def coin(seed: int, step: int, p: float) -> bool:
-    return (hash32(stream_key(seed ^ _COIN_SEED, step)) // 256) * UNIFORM24_SCALE < p
-
 
 def init_state(problem, x0: np.ndarray) -> dict:
-    n = problem.ranks
     x0 = np.asarray(x0, np.float64)
     return {"y": x0.copy(), "z": x0.copy(), "w": x0.copy(),
-            "grad_at_w": [problem.local_gradient(t, x0) for t in range(n)],
-            "error": [np.zeros_like(x0) for _ in range(n)],
-            "shift": [np.zeros_like(x0) for _ in range(n)], "mean_shift": np.zeros_like(x0)}
+            "grad_at_w": [problem.local_gradient(t, x0) for t in range(problem.ranks)],
+            **zero_state(problem.ranks, x0)}
 
 
 def step(problem, state: dict, k: int, *, compress, shift, alpha: float, theta1: float,
@@ -57,24 +43,13 @@ def step(problem, state: dict, k: int, *, compress, shift, alpha: float, theta1:
     n = problem.ranks
     y, z, w = state["y"], state["z"], state["w"]
     x = theta1 * z + theta2 * w + (1 - theta1 - theta2) * y
-    sent, errors, shifts, shift_messages = [], [], [], []
+    estimates = []
     for t in range(n):
         rows = samples(seed, k, t, problem.rows(t), batch)
-        g = (problem.local_gradient(t, x, rows) - problem.local_gradient(t, w, rows)
-             + state["grad_at_w"][t])
-        v = eta / L * (g - state["shift"][t]) + state["error"][t]
-        u = compress(t, v)
-        sent.append(u)
-        errors.append(v - u)
-        if shift is None:
-            shifts.append(state["shift"][t])
-            shift_messages.append(np.zeros_like(x))
-        else:
-            q = shift(t, state["grad_at_w"][t] - state["shift"][t])
-            shifts.append(state["shift"][t] + alpha * q)
-            shift_messages.append(q)
-    u = np.mean(sent, axis=0) + eta / L * state["mean_shift"]
-    mean_shift = state["mean_shift"] + alpha * np.mean(shift_messages, axis=0)
+        estimates.append(problem.local_gradient(t, x, rows) - problem.local_gradient(t, w, rows)
+                         + state["grad_at_w"][t])
+    u, compensation = uplink_round(state, estimates, state["grad_at_w"], eta / L, compress,
+                                   shift, alpha)
     ratio = eta * mu / L
     z_next = (z + ratio * x - u) / (1 + ratio)
     y_next = x + theta1 * (z_next - z)
@@ -82,5 +57,4 @@ def step(problem, state: dict, k: int, *, compress, shift, alpha: float, theta1:
     if coin(seed, k, p):
         w_next = y
         grad_at_w = [problem.local_gradient(t, y) for t in range(n)]
-    return x, {"y": y_next, "z": z_next, "w": w_next, "grad_at_w": grad_at_w, "error": errors,
-               "shift": shifts, "mean_shift": mean_shift}
+    return x, {"y": y_next, "z": z_next, "w": w_next, "grad_at_w": grad_at_w, **compensation}

@@ -12,24 +12,22 @@ holds the same ``x`` (and ``w`` for L-SVRG) and its own error ``e_t`` and shift 
     x   = x - (mean_t u_t + gamma h);   h   = h + alpha mean_t q_t
     lsvrg, with probability p (one coin for all nodes): w = x (before this step's update)
 
-Samples and coin: :func:`horovod_squeeze.reference.eclk.samples` and ``coin``.
+Random draws and the uplink round: :mod:`horovod_squeeze.reference.compensated_uplink`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from horovod_squeeze.reference.eclk import coin, samples
+from horovod_squeeze.reference.compensated_uplink import coin, samples, uplink_round, zero_state
 
 __all__ = ["init_state", "step"]
 
 
 def init_state(problem, x0: np.ndarray) -> dict:
-    n = problem.ranks
     x0 = np.asarray(x0, np.float64)
     return {"x": x0.copy(), "w": x0.copy(),
-            "grad_at_w": [problem.local_gradient(t, x0) for t in range(n)],
-            "error": [np.zeros_like(x0) for _ in range(n)],
-            "shift": [np.zeros_like(x0) for _ in range(n)], "mean_shift": np.zeros_like(x0)}
+            "grad_at_w": [problem.local_gradient(t, x0) for t in range(problem.ranks)],
+            **zero_state(problem.ranks, x0)}
 
 
 def step(problem, state: dict, k: int, *, estimator: str, compress, shift, alpha: float,
@@ -37,7 +35,7 @@ def step(problem, state: dict, k: int, *, estimator: str, compress, shift, alpha
     """One step; returns the new state. ``compress(t, v)`` and ``shift(t, v)`` are node ``t``'s
     compressors (decoded values), ``shift=None`` for no shift."""
     n, x, w = problem.ranks, state["x"], state["w"]
-    sent, errors, shifts, shift_messages = [], [], [], []
+    estimates = []
     for t in range(n):
         if estimator == "gd":
             g = problem.local_gradient(t, x)
@@ -46,21 +44,11 @@ def step(problem, state: dict, k: int, *, estimator: str, compress, shift, alpha
             g = problem.local_gradient(t, x, rows)
             if estimator == "lsvrg":
                 g = g - problem.local_gradient(t, w, rows) + state["grad_at_w"][t]
-        v = gamma * (g - state["shift"][t]) + state["error"][t]
-        u = compress(t, v)
-        sent.append(u)
-        errors.append(v - u)
-        if shift is None:
-            shifts.append(state["shift"][t])
-            shift_messages.append(np.zeros_like(x))
-        else:
-            q = shift(t, g - state["shift"][t])
-            shifts.append(state["shift"][t] + alpha * q)
-            shift_messages.append(q)
-    x_next = x - (np.mean(sent, axis=0) + gamma * state["mean_shift"])
+        estimates.append(g)
+    u, compensation = uplink_round(state, estimates, estimates, gamma, compress, shift, alpha)
+    x_next = x - u
     w_next, grad_at_w = w, state["grad_at_w"]
     if estimator == "lsvrg" and coin(seed, k, p):
         w_next = x
         grad_at_w = [problem.local_gradient(t, x) for t in range(n)]
-    return {"x": x_next, "w": w_next, "grad_at_w": grad_at_w, "error": errors, "shift": shifts,
-            "mean_shift": state["mean_shift"] + alpha * np.mean(shift_messages, axis=0)}
+    return {"x": x_next, "w": w_next, "grad_at_w": grad_at_w, **compensation}

@@ -1,0 +1,175 @@
+"""Rounds and bits to reach a suboptimality, for ECLK and the error-compensated baselines.
+
+    python -m benchmarks.finite_sum_rounds [--ranks 4,8] [--steps 10000]
+
+Runs the NumPy references (:mod:`horovod_squeeze.reference.eclk`, ``ecsgd``), which
+``hst.FiniteSumOptimizer`` matches step for step (``tests/test_eclk.py``), on the finite-sum suite
+split by label over the ranks: every method x compressor, the suboptimality ``f(x_k) - f*`` of the
+output after each round, the rounds and the bits each rank sent to reach 1e-4, 1e-6 and 1e-8.
+ECLK takes L-Katyusha's theoretical parameters; the baselines' step ``gamma`` is tuned over a grid
+(stated in the JSON), each at its best for 1e-6. Writes ``benchmarks/results/OUTPUT.json`` and
+``docs/OUTPUT.png`` (``--output``, default ``finite_sum_rounds``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+import horovod_squeeze as hs
+from horovod_squeeze import finite_sum as fs
+from horovod_squeeze.progress import progress
+from horovod_squeeze.reference import codecs, eclk, ecsgd
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
+TARGETS = (1e-4, 1e-6, 1e-8)
+L2 = 1e-4
+BASELINES = [("EC-SGD", "sgd", False), ("EC-GD", "gd", False), ("EC-LSVRG", "lsvrg", False),
+             ("EC-GD-DIANA", "gd", True), ("EC-LSVRG-DIANA", "lsvrg", True)]
+GAMMA_GRID = (0.5, 1.0, 2.0)  # times 1 / L (stochastic: one sample's L)
+
+
+def problems(ranks: int, cache: pathlib.Path) -> list[fs.FiniteSum]:
+    synthetic = fs.write_synthetic_svmlight(cache / "synthetic.svm", rows=2000, features=100,
+                                            density=0.2, seed=0)
+    return [fs.breast_cancer(ranks=ranks, l2=L2), fs.digits_binary(ranks=ranks, l2=L2),
+            fs.svmlight(synthetic, ranks=ranks, l2=L2)]
+
+
+def compressors(dim: int) -> dict:
+    return {"TopK(0.1)": hs.TopK(0.1),
+            "RandK(0.1)": hs.RandK(0.1)}  # contractive: k/d of the entries, unscaled
+
+
+def _coder(spec, step: list):
+    """Node ``t``'s compressor, decoded; stochastic ones draw a fresh stream each round."""
+    def apply(t, v):
+        nonce = step[0] * 1024 + t
+        return codecs.decompress(spec, codecs.compress(spec, v, nonce=nonce), v.size).astype(
+            np.float64)
+    return apply
+
+
+def _run(problem, method: str, spec, steps: int, *, gamma=None, shift=False, estimator=None):
+    """Suboptimality after each round, and the payload bytes per round per rank."""
+    _, f_star = problem.optimum()
+    m = min(problem.rows(t) for t in range(problem.ranks))
+    clock = [0]
+    compress = _coder(spec, clock)
+    nbytes = spec.payload_nbytes(problem.dim) * (2 if shift or method == "ECLK" else 1)
+    gaps = np.empty(steps)
+    if method == "ECLK":
+        params = hs.ECLK.by_theory(spec, L=problem.sample_smoothness(),
+                                   mu=problem.strong_convexity(), samples=m)
+        state = eclk.init_state(problem, np.zeros(problem.dim))
+        for k in range(steps):
+            clock[0] = k
+            _, state = eclk.step(problem, state, k, compress=compress, shift=compress,
+                                 alpha=1.0, theta1=params.theta1, theta2=params.theta2,
+                                 eta=params.eta, L=params.L, mu=params.mu, p=params.p, batch=1,
+                                 seed=0)
+            gaps[k] = problem.value(state["y"]) - f_star
+            if gaps[k] < 1e-12 or not np.isfinite(gaps[k]):
+                break
+        return gaps[:k + 1], nbytes, {"theta1": params.theta1, "eta": params.eta, "p": params.p}
+    state = ecsgd.init_state(problem, np.zeros(problem.dim))
+    for k in range(steps):
+        clock[0] = k
+        state = ecsgd.step(problem, state, k, estimator=estimator, compress=compress,
+                           shift=compress if shift else None, alpha=1.0, gamma=gamma, p=1.0 / m,
+                           batch=1, seed=0)
+        gaps[k] = problem.value(state["x"]) - f_star
+        if gaps[k] < 1e-12 or not np.isfinite(gaps[k]) or gaps[k] > 1e6:
+            break
+    return gaps[:k + 1], nbytes, {"gamma": gamma, "p": 1.0 / m}
+
+
+def _reached(gaps: np.ndarray, target: float) -> int | None:
+    hits = np.nonzero(gaps <= target)[0]
+    return int(hits[0]) + 1 if hits.size else None
+
+
+def _record(gaps, nbytes, params) -> dict:
+    rounds = {f"{t:g}": _reached(gaps, t) for t in TARGETS}
+    return {"rounds": rounds,
+            "bits": {t: None if r is None else 8 * nbytes * r for t, r in rounds.items()},
+            "payload_bytes_per_round": nbytes, "final_gap": float(gaps[-1]),
+            "rounds_run": len(gaps), "parameters": params,
+            "curve": [float(g) for g in gaps[::max(1, len(gaps) // 300)]]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ranks", default="4")
+    parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--output", default="finite_sum_rounds",
+                        help="name of the JSON in benchmarks/results/ and of the plot in docs/")
+    args = parser.parse_args(argv)
+    cache = pathlib.Path(tempfile.mkdtemp(prefix="finite-sum-"))
+    started, runs = time.time(), []
+    cases = [(ranks, problem, name, spec)
+             for ranks in map(int, args.ranks.split(","))
+             for problem in problems(ranks, cache)
+             for name, spec in compressors(problem.dim).items()]
+    for ranks, problem, cname, spec in progress(cases, desc="problems x compressors"):
+        entry = {"ranks": ranks, "problem": problem.describe(), "compressor": cname,
+                 "methods": {}}
+        entry["methods"]["ECLK"] = _record(*_run(problem, "ECLK", spec, args.steps))
+        for label, estimator, shift in BASELINES:
+            L = problem.sample_smoothness() if estimator != "gd" else problem.smoothness()
+            tried = [_record(*_run(problem, label, spec, args.steps, gamma=factor / L,
+                                   shift=shift, estimator=estimator)) for factor in GAMMA_GRID]
+            best = min(tried, key=lambda r: (r["rounds"]["1e-06"] or np.inf, r["final_gap"]))
+            best["gamma_grid"] = [factor / L for factor in GAMMA_GRID]
+            entry["methods"][label] = best
+        runs.append(entry)
+    out = {"command": "python -m benchmarks.finite_sum_rounds " + " ".join(argv or []),
+           "targets": TARGETS, "l2": L2, "split": "label", "steps": args.steps, "runs": runs,
+           "wall_s": time.time() - started}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.output}.json").write_text(json.dumps(out, indent=1))
+    _plot(out, DOCS / f"{args.output}.png")
+    for entry in runs:
+        print(entry["ranks"], entry["problem"]["name"], entry["compressor"],
+              {m: r["rounds"]["1e-06"] for m, r in entry["methods"].items()})
+
+
+def _plot(out: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [e for e in out["runs"] if e["ranks"] == out["runs"][0]["ranks"]]
+    fig, axes = plt.subplots(2, len(shown), figsize=(4 * len(shown), 7), squeeze=False)
+    for column, entry in enumerate(shown):
+        for name, record in entry["methods"].items():
+            curve = np.maximum(np.array(record["curve"]), 1e-16)
+            stride = max(1, record["rounds_run"] // 300)
+            rounds = np.arange(len(curve)) * stride + 1
+            style = "-" if name == "ECLK" else "--"
+            axes[0, column].plot(rounds, curve, style, label=name)
+            axes[1, column].plot(rounds * 8 * record["payload_bytes_per_round"], curve, style,
+                                 label=name)
+        axes[0, column].set(yscale="log", xlabel="rounds",
+                            title=f"{entry['problem']['name']}, {entry['compressor']}")
+        axes[1, column].set(yscale="log", xscale="log", xlabel="bits sent per rank")
+        for row in (0, 1):
+            axes[row, column].set_ylim(1e-12, 1)
+            axes[row, column].grid(True, which="both", alpha=0.3)
+    axes[0, 0].set_ylabel("f(x) - f*")
+    axes[1, 0].set_ylabel("f(x) - f*")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{shown[0]['ranks']} ranks, split by label")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
