@@ -28,24 +28,38 @@ def _exec(namespace: str, code: str, timeout: float = 30) -> str:
     return done.stdout
 
 
-def _send(made: namespaces.Cluster, nbytes: int) -> None:
-    """Sends ``nbytes`` over TCP from host 1 to host 0 (addresses pass the guard)."""
+def _listen(made: namespaces.Cluster, serve: str) -> subprocess.Popen:
+    """A TCP server on host 0 whose one accepted connection ``c`` runs ``serve``."""
     server = made.require_member(made.hosts[0].address)
-    listener = subprocess.Popen(
-        ["ip", "netns", "exec", made.hosts[0].namespace, sys.executable, "-c", textwrap.dedent(f"""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", made.hosts[0].namespace, sys.executable, "-c",
+         textwrap.dedent(f"""
             import socket
             s = socket.create_server(("{server}", 5999)); s.settimeout(20)
             c, _ = s.accept(); c.settimeout(20)
-            while c.recv(1 << 20): pass
-            print("done")""")], stdout=subprocess.PIPE, text=True)
+            """) + textwrap.dedent(serve)], stdout=subprocess.PIPE, text=True)
+
+
+def _client(made: namespaces.Cluster, code: str) -> str:
+    """Runs ``code`` on host 1 with ``c`` connected to :func:`_listen`'s server; its output."""
+    server = made.require_member(made.hosts[0].address)
+    return _exec(made.hosts[1].namespace, textwrap.dedent(f"""
+        import socket, time
+        for _ in range(100):  # the listener may not be up yet: bounded retries
+            try:
+                c = socket.create_connection(("{server}", 5999), timeout=5); break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        """) + textwrap.dedent(code))
+
+
+def _send(made: namespaces.Cluster, nbytes: int) -> None:
+    """Sends ``nbytes`` over TCP from host 1 to host 0 (addresses pass the guard)."""
+    listener = _listen(made, """
+        while c.recv(1 << 20): pass
+        print("done")""")
     try:
-        _exec(made.hosts[1].namespace, f"""
-            import socket, time
-            for _ in range(100):  # the listener may not be up yet: bounded retries
-                try:
-                    c = socket.create_connection(("{server}", 5999), timeout=5); break
-                except ConnectionRefusedError:
-                    time.sleep(0.05)
+        _client(made, f"""
             c.sendall(b"x" * {nbytes}); c.close()""")
         assert listener.communicate(timeout=30)[0].strip() == "done"
     finally:
@@ -196,23 +210,11 @@ def test_counters_after_wait_drained_include_everything_sent():
     nbytes = 2_500_000  # 0.2 s at 100 Mbit/s: most of it is still queued when sendall returns
     with namespaces.cluster(2) as made:
         shaping.shape_cluster(made, shaping.LinkShape(rate_mbit=100))
-        server = made.require_member(made.hosts[0].address)
-        listener = subprocess.Popen(
-            ["ip", "netns", "exec", made.hosts[0].namespace, sys.executable, "-c",
-             textwrap.dedent(f"""
-                import socket
-                s = socket.create_server(("{server}", 5999)); s.settimeout(20)
-                c, _ = s.accept(); c.settimeout(20)
-                while c.recv(1 << 20): pass""")])
+        listener = _listen(made, """
+            while c.recv(1 << 20): pass""")
         try:
-            out = _exec(made.hosts[1].namespace, f"""
-                import socket, time
+            out = _client(made, f"""
                 from benchmarks.cluster import counters
-                for _ in range(100):
-                    try:
-                        c = socket.create_connection(("{server}", 5999), timeout=5); break
-                    except ConnectionRefusedError:
-                        time.sleep(0.05)
                 assert counters.wait_drained()
                 before = counters.read_local("eth0").sent
                 c.sendall(b"x" * {nbytes})
@@ -256,27 +258,15 @@ def test_a_cluster_with_latency_delays_every_packet_and_shapes_only_its_own_late
             shaping.shape_cluster(made, shaping.LinkShape(rate_mbit=100))
         shaping.shape_cluster(made, shaping.LinkShape(rate_mbit=100, delay_ms=20))
         assert "tbf" in shaping.describe(made.hosts[0].namespace, made.hosts[0].iface)
-        server = made.require_member(made.hosts[0].address)
-        listener = subprocess.Popen(
-            ["ip", "netns", "exec", made.hosts[0].namespace, sys.executable, "-c",
-             textwrap.dedent(f"""
-                import socket
-                s = socket.create_server(("{server}", 5999)); s.settimeout(20)
-                c, _ = s.accept(); c.settimeout(20)
-                received = 0
-                while chunk := c.recv(1 << 20):
-                    if received == 0:
-                        c.sendall(b"y")  # answers the first byte: the client's round trip
-                    received += len(chunk)
-                print(received)""")], stdout=subprocess.PIPE, text=True)
+        listener = _listen(made, """
+            received = 0
+            while chunk := c.recv(1 << 20):
+                if received == 0:
+                    c.sendall(b"y")  # answers the first byte: the client's round trip
+                received += len(chunk)
+            print(received)""")
         try:
-            out = _exec(made.hosts[1].namespace, f"""
-                import socket, time
-                for _ in range(100):
-                    try:
-                        c = socket.create_connection(("{server}", 5999), timeout=5); break
-                    except ConnectionRefusedError:
-                        time.sleep(0.05)
+            out = _client(made, """
                 start = time.perf_counter()
                 c.sendall(b"x"); c.recv(1)
                 print(time.perf_counter() - start)
