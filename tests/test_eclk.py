@@ -88,14 +88,16 @@ def test_least_squares_split_by_a_feature_follows_the_reference():
     _compare(problem, algorithm, steps=30, batch=3)
 
 
-@pytest.mark.parametrize("ranks, estimator, shift", [
-    (2, "sgd", False), (2, "gd", False), (2, "lsvrg", False), (2, "gd", True),
-    (4, "lsvrg", True), (4, "sgd", True)])
-def test_ec_baselines_follow_their_reference_every_step(ranks, estimator, shift):
+@pytest.mark.parametrize("ranks, estimator, shift, feedback, name", [
+    (2, "sgd", False, "error", "EC-SGD"), (2, "gd", False, "error", "EC-GD"),
+    (2, "lsvrg", False, "error", "EC-LSVRG"), (2, "gd", True, "error", "EC-GD-DIANA"),
+    (4, "lsvrg", True, "error", "EC-LSVRG-DIANA"), (4, "sgd", True, "error", "EC-SGD-DIANA"),
+    (2, "gd", False, "ef21", "EF21"), (4, "sgd", False, "ef21", "EF21-SGD")])
+def test_ec_baselines_follow_their_reference_every_step(ranks, estimator, shift, feedback, name):
     problem = fs.breast_cancer(ranks=ranks, l2=1e-3)
     method = hs.ECSGD(hs.TopK(0.1), gamma=0.5, estimator=estimator,
-                      shift=hs.TopK(0.2) if shift else None, p=0.2, seed=3)
-    assert method.name == f"EC-{estimator.upper()}" + ("-DIANA" if shift else "")
+                      shift=hs.TopK(0.2) if shift else None, p=0.2, seed=3, feedback=feedback)
+    assert method.name == name
     x0, steps = np.linspace(-0.5, 0.5, problem.dim), 30
 
     def body(comm):
@@ -115,7 +117,7 @@ def test_ec_baselines_follow_their_reference_every_step(ranks, estimator, shift)
         state = ecsgd.step(problem, state, k, estimator=estimator,
                            compress=_decoded(method.compressor),
                            shift=_decoded(method.shift) if shift else None, alpha=1.0,
-                           gamma=0.5, p=0.2, batch=2, seed=3)
+                           gamma=0.5, p=0.2, batch=2, seed=3, feedback=feedback)
         for rank, (path, _) in enumerate(runs):
             np.testing.assert_allclose(path[k], state["x"], rtol=0, atol=1e-9,
                                        err_msg=f"step {k} rank {rank}")
@@ -167,6 +169,9 @@ def test_ef21_on_the_engine_matches_its_reference():
     (lambda: hs.ECSGD(hs.TopK(0.1), gamma=0.1, estimator="saga"), "estimator must be one of"),
     (lambda: hs.ECSGD(hs.TopK(0.1), gamma=0.1, p=1.5), "p must be in \\(0, 1\\]"),
     (lambda: hs.ECSGD(hs.QSGD(2), gamma=0.1).check(100), "needs a contractive compressor"),
+    (lambda: hs.ECSGD(hs.TopK(0.1), gamma=0.1, feedback="ef21", shift=hs.TopK(0.1)),
+     "EF21 has no separate shift"),
+    (lambda: hs.ECSGD(hs.TopK(0.1), gamma=0.1, feedback="momentum"), "feedback must be one of"),
 ])
 def test_impossible_parameters_name_the_rule(make, message):
     with pytest.raises(ValueError, match=message):

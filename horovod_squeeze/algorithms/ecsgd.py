@@ -11,6 +11,11 @@ For n ranks, each with its estimator ``g_t`` of ``grad f_t(x)``::
     x   = x - (mean_t u_t + gamma h);   h   = h + alpha mean_t q_t
     lsvrg, with probability p (one coin for all ranks): w = x (before this step's update)
 
+``feedback="ef21"`` is EF21 (Richtárik, Sokolov, Fatkhullin 2021) on the same estimators: no
+error, each rank's estimate moves by its compressed change and the step is its mean::
+
+    q_t = C(g_t - h_t);   h_t = h_t + alpha q_t;   h = h + alpha mean_t q_t;   x = x - gamma h
+
 Without a shift compressor ``h_t = 0``: plain EC-SGD / EC-GD / EC-LSVRG, which converge only to a
 neighbourhood when ``grad f_t(x*) != 0`` (the compressed quantity does not vanish); the shift
 learns ``grad f_t(x*)`` and makes EC-GD-DIANA and EC-LSVRG-DIANA exact. The uplink is
@@ -21,19 +26,21 @@ Example::
 
     import horovod_squeeze as hs
     hs.ECSGD(hs.TopK(0.1), gamma=0.5, estimator="lsvrg", shift=hs.TopK(0.1), p=0.01)
+    hs.ECSGD(hs.TopK(0.1), gamma=0.5, estimator="gd", feedback="ef21")        # EF21
 """
 from __future__ import annotations
 
 import dataclasses
 
 from horovod_squeeze.algorithms.eclk import SAME, check_compressors, coin_of, finite_number
-from horovod_squeeze.algorithms.ef21 import EF21
+from horovod_squeeze.algorithms.ef21 import EF21, shift_step_rule
 from horovod_squeeze.algorithms.error_feedback import ErrorFeedback
 from horovod_squeeze.compressors import Compressor
 
-__all__ = ["ECSGD", "ESTIMATORS"]
+__all__ = ["ECSGD", "ESTIMATORS", "FEEDBACK"]
 
 ESTIMATORS = ("sgd", "gd", "lsvrg")
+FEEDBACK = ("error", "ef21")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +56,7 @@ class ECSGD:
       alpha: the shift's step, in (0, 1], at most ``1 / (omega + 1)`` for an unbiased ``Q``.
       p: L-SVRG's snapshot probability, in (0, 1].
       seed: the coin's stream (the same on every rank).
+      feedback: ``"error"`` (error compensation, the EC family) or ``"ef21"`` (EF21, no shift).
     """
 
     compressor: Compressor
@@ -58,6 +66,7 @@ class ECSGD:
     alpha: float = 1.0
     p: float = 1.0
     seed: int = 0
+    feedback: str = "error"
 
     def __post_init__(self):
         if not isinstance(self.compressor, Compressor):
@@ -67,6 +76,11 @@ class ECSGD:
             object.__setattr__(self, "shift", self.compressor)
         if self.shift is not None and not isinstance(self.shift, Compressor):
             raise TypeError(f"ECSGD: shift must be a compressor spec or None, got {self.shift!r}")
+        if self.feedback not in FEEDBACK:
+            raise ValueError(f"ECSGD: feedback must be one of {FEEDBACK}, got {self.feedback!r}")
+        if self.feedback == "ef21" and self.shift is not None:
+            raise ValueError("ECSGD: EF21 has no separate shift (its estimates are the shifts): "
+                             "leave shift=None with feedback='ef21'")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"ECSGD: estimator must be one of {ESTIMATORS}, got "
                              f"{self.estimator!r}")
@@ -78,21 +92,28 @@ class ECSGD:
 
     @property
     def name(self) -> str:
-        """The paper's name: ``EC-SGD``, ``EC-LSVRG-DIANA``, ..."""
+        """The paper's name: ``EC-SGD``, ``EC-LSVRG-DIANA``, ``EF21``, ``EF21-SGD``, ..."""
+        if self.feedback == "ef21":
+            return "EF21" + ("" if self.estimator == "gd" else f"-{self.estimator.upper()}")
         return f"EC-{self.estimator.upper()}" + ("-DIANA" if self.shift is not None else "")
 
     def check(self, numel: int) -> None:
         check_compressors(self, numel)
+        if self.feedback == "ef21":
+            shift_step_rule(self, self.compressor, self.alpha, numel)
 
     # --- what runs (the protocol of horovod_squeeze.torch.FiniteSumOptimizer) ----------------
 
     needs_snapshot = property(lambda self: self.estimator == "lsvrg")
     step_scale = property(lambda self: self.gamma)
 
-    def uplink(self) -> ErrorFeedback:
-        return ErrorFeedback(self.compressor)
+    def uplink(self) -> ErrorFeedback | None:
+        """The error-compensated uplink; ``None`` for EF21, whose estimates are the update."""
+        return None if self.feedback == "ef21" else ErrorFeedback(self.compressor)
 
     def shift_learning(self) -> EF21 | None:
+        if self.feedback == "ef21":
+            return EF21(self.compressor, alpha=self.alpha)
         return None if self.shift is None else EF21(self.shift, alpha=self.alpha)
 
     def start(self, x0) -> dict:

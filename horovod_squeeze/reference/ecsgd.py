@@ -12,6 +12,10 @@ holds the same ``x`` (and ``w`` for L-SVRG) and its own error ``e_t`` and shift 
     x   = x - (mean_t u_t + gamma h);   h   = h + alpha mean_t q_t
     lsvrg, with probability p (one coin for all nodes): w = x (before this step's update)
 
+EF21 (``feedback="ef21"``, Richtárik, Sokolov, Fatkhullin 2021) on the same estimators:
+
+    q_t = C(g_t - h_t);   h_t = h_t + alpha q_t;   h = h + alpha mean_t q_t;   x = x - gamma h
+
 Random draws and the uplink round: :mod:`horovod_squeeze.reference.compensated_uplink`.
 """
 from __future__ import annotations
@@ -31,7 +35,7 @@ def init_state(problem, x0: np.ndarray) -> dict:
 
 
 def step(problem, state: dict, k: int, *, estimator: str, compress, shift, alpha: float,
-         gamma: float, p: float, batch: int, seed: int) -> dict:
+         gamma: float, p: float, batch: int, seed: int, feedback: str = "error") -> dict:
     """One step; returns the new state. ``compress(t, v)`` and ``shift(t, v)`` are node ``t``'s
     compressors (decoded values), ``shift=None`` for no shift."""
     n, x, w = problem.ranks, state["x"], state["w"]
@@ -45,8 +49,15 @@ def step(problem, state: dict, k: int, *, estimator: str, compress, shift, alpha
             if estimator == "lsvrg":
                 g = g - problem.local_gradient(t, w, rows) + state["grad_at_w"][t]
         estimates.append(g)
-    u, compensation = uplink_round(state, estimates, estimates, gamma, compress, shift, alpha)
-    x_next = x - u
+    if feedback == "ef21":
+        changes = [compress(t, g - h) for t, (g, h) in enumerate(zip(estimates, state["shift"]))]
+        compensation = {"error": state["error"],
+                        "shift": [h + alpha * q for h, q in zip(state["shift"], changes)],
+                        "mean_shift": state["mean_shift"] + alpha * np.mean(changes, axis=0)}
+        x_next = x - gamma * compensation["mean_shift"]
+    else:
+        u, compensation = uplink_round(state, estimates, estimates, gamma, compress, shift, alpha)
+        x_next = x - u
     w_next, grad_at_w = w, state["grad_at_w"]
     if estimator == "lsvrg" and coin(seed, k, p):
         w_next = x

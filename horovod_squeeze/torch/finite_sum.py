@@ -73,7 +73,9 @@ class FiniteSumOptimizer(torch.optim.Optimizer):
             collectives = HorovodCollectives()
         options = {"collectives": collectives, "device": self._params[0].device,
                    "exchange": "allgather", "min_compress_numel": 0, "precision": precision}
-        self._uplink = SqueezeEngine(method.uplink(), [(_UPLINK, (numel,))], **options)
+        uplink = method.uplink()
+        self._uplink = None if uplink is None else SqueezeEngine(uplink, [(_UPLINK, (numel,))],
+                                                                 **options)
         shift = method.shift_learning()
         self._shift = None if shift is None else SqueezeEngine(shift, [(_SHIFT, (numel,))],
                                                                **options)
@@ -113,6 +115,13 @@ class FiniteSumOptimizer(torch.optim.Optimizer):
             return torch.zeros_like(like)
         return self._shift.state[0]["worker_estimate"]
 
+    def _learn_shift(self, target: torch.Tensor) -> torch.Tensor:
+        """One EF21 round toward ``target``; returns the new mean of the ranks' shifts."""
+        self._shift.submit(_SHIFT, target)
+        self._mean_shift = self._shift.result(_SHIFT)
+        self.bytes_sent += self._shift.last_stats.bytes.sent
+        return self._mean_shift
+
     # --- the step -----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -138,14 +147,15 @@ class FiniteSumOptimizer(torch.optim.Optimizer):
         if method.needs_snapshot:
             _, at_w = self._gradient_at(v["w"], closure)
             estimator = estimator - at_w + self._grad_at_w
-        self._uplink.submit(_UPLINK, (estimator - self._shift_estimate(estimator))
-                            * method.step_scale)
-        update = self._uplink.result(_UPLINK) + self._mean_shift * method.step_scale
-        self.bytes_sent += self._uplink.last_stats.bytes.sent
-        if self._shift is not None:
-            self._shift.submit(_SHIFT, method.shift_target(estimator, self._grad_at_w))
-            self._mean_shift = self._shift.result(_SHIFT)
-            self.bytes_sent += self._shift.last_stats.bytes.sent
+        if self._uplink is None:  # EF21: the ranks' mean estimate is the step
+            update = self._learn_shift(estimator) * method.step_scale
+        else:
+            self._uplink.submit(_UPLINK, (estimator - self._shift_estimate(estimator))
+                                * method.step_scale)
+            update = self._uplink.result(_UPLINK) + self._mean_shift * method.step_scale
+            self.bytes_sent += self._uplink.last_stats.bytes.sent
+            if self._shift is not None:
+                self._learn_shift(method.shift_target(estimator, self._grad_at_w))
         advanced = method.advance(v, x, update)
         if method.snapshot(self._round):
             advanced["w"] = method.snapshot_point(v)
