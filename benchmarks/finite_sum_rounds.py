@@ -29,8 +29,9 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 TARGETS = (1e-4, 1e-6, 1e-8)
 L2 = 1e-4
-BASELINES = [("EC-SGD", "sgd", False), ("EC-GD", "gd", False), ("EC-LSVRG", "lsvrg", False),
-             ("EC-GD-DIANA", "gd", True), ("EC-LSVRG-DIANA", "lsvrg", True)]
+BASELINES = [("EC-SGD", "sgd", False, "error"), ("EC-GD", "gd", False, "error"),
+             ("EC-LSVRG", "lsvrg", False, "error"), ("EC-GD-DIANA", "gd", True, "error"),
+             ("EC-LSVRG-DIANA", "lsvrg", True, "error"), ("EF21", "gd", False, "ef21")]
 GAMMA_GRID = (0.5, 1.0, 2.0)  # times 1 / L (stochastic: one sample's L)
 
 
@@ -55,7 +56,8 @@ def _coder(spec, step: list):
     return apply
 
 
-def _run(problem, method: str, spec, steps: int, *, gamma=None, shift=False, estimator=None):
+def _run(problem, method: str, spec, steps: int, *, gamma=None, shift=False, estimator=None,
+         feedback="error"):
     """Suboptimality after each round, and the payload bytes per round per rank."""
     _, f_star = problem.optimum()
     m = min(problem.rows(t) for t in range(problem.ranks))
@@ -82,7 +84,7 @@ def _run(problem, method: str, spec, steps: int, *, gamma=None, shift=False, est
         clock[0] = k
         state = ecsgd.step(problem, state, k, estimator=estimator, compress=compress,
                            shift=compress if shift else None, alpha=1.0, gamma=gamma, p=1.0 / m,
-                           batch=1, seed=0)
+                           batch=1, seed=0, feedback=feedback)
         gaps[k] = problem.value(state["x"]) - f_star
         if gaps[k] < 1e-12 or not np.isfinite(gaps[k]) or gaps[k] > 1e6:
             break
@@ -120,10 +122,11 @@ def main(argv=None) -> None:
         entry = {"ranks": ranks, "problem": problem.describe(), "compressor": cname,
                  "methods": {}}
         entry["methods"]["ECLK"] = _record(*_run(problem, "ECLK", spec, args.steps))
-        for label, estimator, shift in BASELINES:
+        for label, estimator, shift, feedback in BASELINES:
             L = problem.sample_smoothness() if estimator != "gd" else problem.smoothness()
             tried = [_record(*_run(problem, label, spec, args.steps, gamma=factor / L,
-                                   shift=shift, estimator=estimator)) for factor in GAMMA_GRID]
+                                   shift=shift, estimator=estimator, feedback=feedback))
+                     for factor in GAMMA_GRID]
             best = min(tried, key=lambda r: (r["rounds"]["1e-06"] or np.inf, r["final_gap"]))
             best["gamma_grid"] = [factor / L for factor in GAMMA_GRID]
             entry["methods"][label] = best
