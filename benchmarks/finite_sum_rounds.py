@@ -169,8 +169,8 @@ def markdown_table(out: dict) -> str:
     lines = ["| ranks | problem | compressor | " + " | ".join(methods) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |"]
     for entry in out["runs"]:
-        cells = ["/".join("-" if r is None else str(r) for r in entry["methods"][m]["rounds"].values())
-                 for m in methods]
+        cells = ["/".join("-" if r is None else str(r)
+                          for r in entry["methods"][m]["rounds"].values()) for m in methods]
         lines.append(f"| {entry['ranks']} | {entry['problem']['name']} "
                      f"(kappa {entry['problem']['condition_number']:.0f}) | {entry['compressor']} | "
                      + " | ".join(cells) + " |")

@@ -221,3 +221,29 @@ def test_under_horovodrun_every_rank_follows_the_reference():
                              L=algorithm.L, mu=algorithm.mu, p=algorithm.p, batch=2, seed=0)
         for path in runs:
             np.testing.assert_allclose(path[k], state["y"], rtol=0, atol=1e-9)
+
+
+def test_a_non_finite_gradient_on_one_rank_raises_on_every_rank_and_keeps_the_state():
+    problem = fs.breast_cancer(ranks=2, l2=1e-3)
+    method = hs.ECLK.by_theory(hs.TopK(0.1), L=problem.sample_smoothness(),
+                               mu=problem.strong_convexity(), samples=5)
+
+    def body(comm):
+        x = torch.nn.Parameter(torch.from_numpy(np.linspace(-0.5, 0.5, problem.dim)))
+        optimizer = hst.FiniteSumOptimizer([x], method, collectives=comm)
+        full = lambda: _torch_loss(problem, comm.rank, x)
+        for k in range(3):
+            optimizer.step(lambda: _torch_loss(problem, comm.rank, x, [k]), full)
+        before = x.detach().clone()
+        poisoned = lambda: _torch_loss(problem, comm.rank, x, [0]) * (
+            float("nan") if comm.rank == 1 else 1.0)
+        with pytest.raises(FloatingPointError, match="not finite .* at round 3"):
+            optimizer.step(poisoned, full)
+        assert torch.equal(x.detach(), before)
+        optimizer.step(lambda: _torch_loss(problem, comm.rank, x, [3]), full)  # goes on
+        return x.detach().numpy().copy()
+
+    first, second = FakeWorld(2, timeout=60).run(body)
+    np.testing.assert_array_equal(first, second)
+    assert np.all(np.isfinite(first))
+

@@ -39,6 +39,8 @@ class FiniteSumOptimizer(torch.optim.Optimizer):
     Returns the loss of ``closure`` (of ``full_closure`` for ``"gd"``) at the query point. Between
     steps the parameters hold the method's output (ECLK's ``y``, the others' ``x``). Telemetry:
     ``snapshots`` (how many times ``w`` moved), ``bytes_sent`` (payload bytes this rank sent).
+    A gradient that is not finite on any rank makes every rank raise ``FloatingPointError`` with
+    the parameters and state as before the round (the engines skip it together).
 
     Example::
 
@@ -115,11 +117,22 @@ class FiniteSumOptimizer(torch.optim.Optimizer):
             return torch.zeros_like(like)
         return self._shift.state[0]["worker_estimate"]
 
+    def _exchange(self, engine: SqueezeEngine, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` through ``engine``; if any rank's was not finite, every rank raises with
+        its parameters and state as they were before this round."""
+        engine.submit(name, tensor)
+        out = engine.result(name)
+        if engine.skipped_last_step:
+            self._load(self.method.current(self._sequences))
+            raise FloatingPointError(
+                f"FiniteSumOptimizer: a rank's gradient was not finite (NaN or Inf) at round "
+                f"{self._round}; the round was skipped on every rank and the state is unchanged")
+        self.bytes_sent += engine.last_stats.bytes.sent
+        return out
+
     def _learn_shift(self, target: torch.Tensor) -> torch.Tensor:
         """One EF21 round toward ``target``; returns the new mean of the ranks' shifts."""
-        self._shift.submit(_SHIFT, target)
-        self._mean_shift = self._shift.result(_SHIFT)
-        self.bytes_sent += self._shift.last_stats.bytes.sent
+        self._mean_shift = self._exchange(self._shift, _SHIFT, target)
         return self._mean_shift
 
     # --- the step -----------------------------------------------------------------------------
@@ -150,10 +163,9 @@ class FiniteSumOptimizer(torch.optim.Optimizer):
         if self._uplink is None:  # EF21: the ranks' mean estimate is the step
             update = self._learn_shift(estimator) * method.step_scale
         else:
-            self._uplink.submit(_UPLINK, (estimator - self._shift_estimate(estimator))
-                                * method.step_scale)
-            update = self._uplink.result(_UPLINK) + self._mean_shift * method.step_scale
-            self.bytes_sent += self._uplink.last_stats.bytes.sent
+            sent = (estimator - self._shift_estimate(estimator)) * method.step_scale
+            update = (self._exchange(self._uplink, _UPLINK, sent)
+                      + self._mean_shift * method.step_scale)
             if self._shift is not None:
                 self._learn_shift(method.shift_target(estimator, self._grad_at_w))
         advanced = method.advance(v, x, update)
