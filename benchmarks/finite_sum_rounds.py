@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -154,7 +155,8 @@ def main(argv=None) -> None:
                                snapshots_per_pass=snapshots))
                  for factor in GAMMA_GRID for snapshots in snapshot_grid])
         runs.append(entry)
-    out = {"command": "python -m benchmarks.finite_sum_rounds " + " ".join(argv or []),
+    arguments = sys.argv[1:] if argv is None else argv
+    out = {"command": " ".join(["python -m benchmarks.finite_sum_rounds", *arguments]),
            "targets": TARGETS, "l2": L2, "split": "label", "steps": args.steps, "runs": runs,
            "wall_s": time.time() - started}
     RESULTS.mkdir(exist_ok=True)
