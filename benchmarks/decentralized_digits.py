@@ -8,7 +8,8 @@ per seed and world size (8 ranks on this machine's 2 cores are oversubscribed: s
 arithmetic is the same). Recorded per run: the accuracy of the ranks' average model and of each
 rank's own, the bytes each rank sends per step against D-PSGD's, and the final consensus distance;
 per contender and world size the means over seeds. Written to
-``benchmarks/results/decentralized_digits.json``.
+``benchmarks/results/decentralized_digits.json`` and plotted in ``docs/decentralized_digits.png``
+(``--plot-only`` redraws the plot from the JSON).
 """
 from __future__ import annotations
 
@@ -61,7 +62,12 @@ def main():
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--results", type=pathlib.Path,
                         default=ROOT / "benchmarks" / "results" / "decentralized_digits.json")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw docs/decentralized_digits.png from --results, run nothing")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.results.read_text()))
+        return
     chosen = args.contenders.split(",")
     world_sizes = [int(r) for r in args.ranks.split(",")]
     jobs = [(ranks, seed, short) for ranks in world_sizes for seed in range(1, args.seeds + 1)
@@ -105,6 +111,41 @@ def main():
                 "own shard",
         "summary": summary, "runs": runs}, indent=1) + "\n")
     print(f"wrote {args.results}")
+    plot(json.loads(args.results.read_text()))
+
+
+def plot(results: dict, path: pathlib.Path = ROOT / "docs" / "decentralized_digits.png") -> None:
+    """Accuracy against bytes per step: the averaged model (marker) and the ranks' own
+    (a bar from the lowest to the highest), one panel per world size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    by_size: dict[int, list] = {}
+    for key, entry in results["summary"].items():
+        label, ranks = key.rsplit(" / ", 1)
+        by_size.setdefault(int(ranks.split()[0]), []).append((label, entry))
+    fig, axes = plt.subplots(1, len(by_size), figsize=(6 * len(by_size), 4.5), squeeze=False)
+    for axis, (ranks, entries) in zip(axes[0], sorted(by_size.items())):
+        for index, (label, entry) in enumerate(entries):
+            x = entry["bytes_sent_per_step"] * (1 + 0.08 * index)  # equal bytes side by side
+            low, high = 100 * entry["min_rank_accuracy"], 100 * entry["max_rank_accuracy"]
+            averaged = 100 * entry["mean_averaged_accuracy"]
+            axis.errorbar([x], [averaged],
+                          yerr=[[max(averaged - low, 0)], [max(high - averaged, 0)]],
+                          fmt="os^"[index % 3], capsize=4, label=label)
+        axis.set(xscale="log", xlabel="bytes each rank sends per step",
+                 ylabel="test accuracy (%): averaged model; bars: ranks' own",
+                 title=f"digits, {ranks} ranks on a ring, {entries[0][1]['seeds']} seeds")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7, loc="lower center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
