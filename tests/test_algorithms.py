@@ -63,6 +63,9 @@ ALGORITHMS = [
     hs.DORE(hs.RandK(0.3, seed=1, unbiased=True), server=hs.FP16(), alpha=0.2, eta=1.0),
     hs.DoubleQuantization(b=4, b_x=8),
     hs.DoubleQuantization(b=2, b_x=6, seed=3),
+    hs.EF21(hs.TopK(0.1)),
+    hs.EF21(hs.RandK(0.3, seed=2)),
+    hs.EF21(hs.ScaledSign(), server=hs.FP16(), alpha=0.5),
 ]
 # What model-increment algorithms read at every step: the wrapped optimizer's learning rate.
 LEARNING_RATE = 0.375

@@ -32,8 +32,10 @@ def test_same_public_names():
     # Each framework's own entry points: PyTorch wraps the optimizer, TensorFlow the tape (Keras:
     # the optimizer, in horovod_squeeze.tensorflow.keras), as Horovod does; decentralized,
     # PyTorch's optimizer gossips in its step, TensorFlow's Gossip after the step (Keras: a
-    # callback).
-    assert set(hst.__all__) - {"DistributedOptimizer", "DecentralizedOptimizer"} == set(
+    # callback). The finite-sum methods' optimizer takes closures, PyTorch's optimizer interface:
+    # PyTorch only.
+    assert set(hst.__all__) - {"DistributedOptimizer", "DecentralizedOptimizer",
+                               "FiniteSumOptimizer"} == set(
         hstf.__all__) - {"DistributedGradientTape", "Gossip"}
     assert {"DecentralizedCallback"} <= set(hsk.callbacks.__all__)
     assert {"DistributedOptimizer", "callbacks"} <= set(hsk.__all__)
