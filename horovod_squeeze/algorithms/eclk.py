@@ -42,7 +42,8 @@ from horovod_squeeze.algorithms.error_feedback import ErrorFeedback
 from horovod_squeeze.compressors import Compressor
 from horovod_squeeze.streams import UNIFORM24_SCALE, hash32, stream_key
 
-__all__ = ["ECLK", "SAME", "check_compressors", "coin_of", "finite_number"]
+__all__ = ["ECLK", "SAME", "check_compressors", "coin_of", "finite_number",
+           "resolve_compressors"]
 
 #: ``shift=SAME``: the shift uses the uplink's compressor.
 SAME = "same"
@@ -59,6 +60,19 @@ def coin_of(seed: int, step: int, p: float) -> bool:
     """The snapshot coin of ``step``: the same on every rank (one stream per ``seed``)."""
     draw = hash32(stream_key(seed ^ _COIN_SEED, step)) // 256
     return draw * UNIFORM24_SCALE < p
+
+
+def resolve_compressors(method) -> None:
+    """Checks a finite-sum method's ``compressor`` and ``shift`` specs (a frozen dataclass) and
+    replaces ``shift=SAME`` by the compressor."""
+    name = type(method).__name__
+    if not isinstance(method.compressor, Compressor):
+        raise TypeError(f"{name}: compressor must be a compressor spec such as "
+                        f"horovod_squeeze.TopK(0.1), got {method.compressor!r}")
+    if method.shift == SAME:
+        object.__setattr__(method, "shift", method.compressor)
+    if method.shift is not None and not isinstance(method.shift, Compressor):
+        raise TypeError(f"{name}: shift must be a compressor spec or None, got {method.shift!r}")
 
 
 def check_compressors(method, numel: int) -> None:
@@ -102,13 +116,7 @@ class ECLK:
 
     def __post_init__(self):
         name = "ECLK"
-        if not isinstance(self.compressor, Compressor):
-            raise TypeError(f"{name}: compressor must be a compressor spec such as "
-                            f"horovod_squeeze.TopK(0.1), got {self.compressor!r}")
-        if self.shift == SAME:
-            object.__setattr__(self, "shift", self.compressor)
-        if self.shift is not None and not isinstance(self.shift, Compressor):
-            raise TypeError(f"{name}: shift must be a compressor spec or None, got {self.shift!r}")
+        resolve_compressors(self)
         L, mu = finite_number(name, "L", self.L), finite_number(name, "mu", self.mu)
         if not 0 < mu <= L:
             raise ValueError(f"{name}: need 0 < mu <= L (strong convexity at most the "

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from horovod_squeeze.algorithms.eclk import SAME, check_compressors, coin_of, finite_number
+from horovod_squeeze.algorithms.eclk import (
+    check_compressors, coin_of, finite_number, resolve_compressors,
+)
 from horovod_squeeze.algorithms.ef21 import EF21, shift_step_rule
 from horovod_squeeze.algorithms.error_feedback import ErrorFeedback
 from horovod_squeeze.compressors import Compressor
@@ -52,7 +54,7 @@ class ECSGD:
       gamma: the step, positive (``1 / (2 L)`` is safe for EC-GD with a contractive ``C`` of
         ``delta`` near 1; the theory's bounds shrink with ``delta``).
       estimator: ``"sgd"``, ``"gd"`` or ``"lsvrg"``.
-      shift: ``Q`` for the DIANA forms (``SAME``: ``C``); ``None`` (the default): no shift.
+      shift: ``Q`` for the DIANA forms (``eclk.SAME``: ``C``); ``None`` (the default): no shift.
       alpha: the shift's step, in (0, 1], at most ``1 / (omega + 1)`` for an unbiased ``Q``.
       p: L-SVRG's snapshot probability, in (0, 1].
       seed: the coin's stream (the same on every rank).
@@ -69,13 +71,7 @@ class ECSGD:
     feedback: str = "error"
 
     def __post_init__(self):
-        if not isinstance(self.compressor, Compressor):
-            raise TypeError(f"ECSGD: compressor must be a compressor spec such as "
-                            f"horovod_squeeze.TopK(0.1), got {self.compressor!r}")
-        if self.shift == SAME:
-            object.__setattr__(self, "shift", self.compressor)
-        if self.shift is not None and not isinstance(self.shift, Compressor):
-            raise TypeError(f"ECSGD: shift must be a compressor spec or None, got {self.shift!r}")
+        resolve_compressors(self)
         if self.feedback not in FEEDBACK:
             raise ValueError(f"ECSGD: feedback must be one of {FEEDBACK}, got {self.feedback!r}")
         if self.feedback == "ef21" and self.shift is not None:
