@@ -124,16 +124,10 @@ class FiniteSum:
 
     # --- constants ----------------------------------------------------------------------------
 
-    def _gram_extreme(self, rank: int, largest: bool) -> float:
-        a = self.features[self.shards[rank]]
-        a = a.toarray() if scipy.sparse.issparse(a) else a
-        eigenvalues = np.linalg.eigvalsh(a.T @ a / len(a))
-        return float(eigenvalues[-1] if largest else eigenvalues[0])
-
     def smoothness(self) -> float:
         """``L = max_r L_r``: each ``f_r`` is ``L_r``-smooth."""
-        return max(_CURVATURE[self.loss] * self._gram_extreme(r, True) + self.l2
-                   for r in range(self.ranks))
+        return max(_CURVATURE[self.loss] * float(np.linalg.eigvalsh(self._gram_matrix(r))[-1])
+                   + self.l2 for r in range(self.ranks))
 
     def sample_smoothness(self) -> float:
         """The largest smoothness of one sample's loss plus the regularizer (what a one-sample

@@ -156,6 +156,8 @@ class ECLK:
 
     #: The estimator is L-SVRG's: gradients at the snapshot ``w`` too.
     needs_snapshot = True
+    #: It samples: the full local gradient is taken only at snapshots.
+    full_estimator = False
 
     @property
     def step_scale(self) -> float:

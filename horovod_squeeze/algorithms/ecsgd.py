@@ -101,6 +101,8 @@ class ECSGD:
     # --- what runs (the protocol of horovod_squeeze.torch.FiniteSumOptimizer) ----------------
 
     needs_snapshot = property(lambda self: self.estimator == "lsvrg")
+    #: Whether the estimator is the full local gradient itself (``"gd"``).
+    full_estimator = property(lambda self: self.estimator == "gd")
     step_scale = property(lambda self: self.gamma)
 
     def uplink(self) -> ErrorFeedback | None:

@@ -140,7 +140,7 @@ class FiniteSumOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, full_closure=None):
         method = self.method
-        needs_full = method.needs_snapshot or getattr(method, "estimator", None) == "gd"
+        needs_full = method.needs_snapshot or method.full_estimator
         if closure is None or (needs_full and full_closure is None):
             raise TypeError(f"FiniteSumOptimizer.step: {type(method).__name__} needs closure "
                             "(this round's samples)"
@@ -153,7 +153,7 @@ class FiniteSumOptimizer(torch.optim.Optimizer):
                 _, self._grad_at_w = self._gradient_at(start, full_closure)
         v = self._sequences
         x = method.query(v)
-        if getattr(method, "estimator", None) == "gd":
+        if method.full_estimator:
             loss, estimator = self._gradient_at(x, full_closure)
         else:
             loss, estimator = self._gradient_at(x, closure)
